@@ -43,7 +43,7 @@ class DataConfig:
     path: str = _f("", "dataset root holding train/ and val/ with one folder per class; "
                    "empty = the embedded default exported to data/<bundled>")
     bundled: str = _f("mnist5k", "embedded default dataset used when path is empty",
-                      choices=("mnist5k", "digits"))
+                      choices=("mnist5k",))
     image_size: int = _f(224, "training crop size (pixels)", gt=0)
     val_resize: int = _f(256, "validation: shorter side resized to this, then centre-cropped "
                          "to image_size", gt=0)
@@ -100,6 +100,8 @@ class KFACConfig:
     factor_interval: int = _f(1, "steps between factor updates", gt=0)
     inverse_interval: int = _f(1, "steps between inverse updates", gt=0)
     inverse: str = _f("cholesky", "factor inversion method", choices=("cholesky", "eigen"))
+    eigen_damping: str = _f("factored", "eigen mode: factored (same damped factors as cholesky) or kron "
+                            "((G (x) A + lambda I)^-1, no pi correction)", choices=("factored", "kron"))
     kl_clip: float = _f(0.0, "KL-clipping of the preconditioned update; 0 = off", ge=0.0)
     skip: list[str] = _f([], "fnmatch patterns of module names left to the plain gradient")
     batchnorm: bool = _f(True, "precondition BatchNorm with unit-wise 2x2 Fisher blocks")
