@@ -1,0 +1,220 @@
+"""Comm primitives and GradientAverager.
+
+In-process tests cover argument checking, counters and bucketing on a one-rank or fake
+communicator. The real collectives run under mpirun: one launch per (backend, ranks) executes
+every check in tests/mpi/comm_worker.py.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterator
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from app import launch
+from app.comm import ByteCounters, Comm, CommError, Count, Handle
+from app.comm.base import Op, pad_dim0
+from app.comm.grad_sync import GradientAverager
+from app.config import CommConfig
+from mpi_helpers import REPO, horovod_skip_reason, mpi_skip_reason, run_mpi
+
+WORKER = REPO / "tests" / "mpi" / "comm_worker.py"
+
+
+def _run_worker(backend: str, np: int) -> None:
+    if (reason := mpi_skip_reason()) is not None:
+        pytest.skip(reason)
+    if backend == "horovod" and (reason := horovod_skip_reason()) is not None:
+        pytest.skip(reason)
+    rc, out = run_mpi(np, WORKER, "--backend", backend, timeout=180)
+    assert rc == 0 and f"ALL OK backend={backend} np={np}" in out, out[-4000:]
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("np", [1, 2, 3, 4])
+def test_torch_backend_primitives(np: int) -> None:
+    _run_worker("torch", np)
+
+
+@pytest.mark.mpi
+@pytest.mark.horovod
+@pytest.mark.parametrize("np", [1, 2, 3, 4])
+def test_horovod_backend_primitives(np: int) -> None:
+    _run_worker("horovod", np)
+
+
+# ---- in-process: one-rank torch communicator ------------------------------------------------
+
+@pytest.fixture
+def comm() -> Iterator[Comm]:
+    c = launch.init_comm(launch.World(0, 1, 0, 1, "single"), CommConfig(backend="torch"),
+                         torch.device("cpu"))
+    yield c
+    c.shutdown()
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda c: c.reduce_scatter(torch.zeros(5), [2]), "segment sizes sum to 2, but the buffer has 5"),
+    (lambda c: c.reduce_scatter(torch.zeros(4), [2, 2]), "2 segment sizes given for 1 ranks"),
+    (lambda c: c.reduce_scatter(torch.zeros(0), [-1]), "must be non-negative integers"),
+    (lambda c: c.reduce_scatter(torch.zeros(2, 2), [4]), "needs a 1-D buffer, got shape (2, 2)"),
+    (lambda c: c.allreduce(torch.zeros(2), op="max"), "op 'max' is not one of avg, sum"),
+    (lambda c: c.allreduce(torch.zeros(2, dtype=torch.int32)), "'avg' needs a floating-point tensor"),
+    (lambda c: c.allreduce([1.0]), "expected a torch.Tensor, got list"),
+    (lambda c: c.grouped_allreduce([]), "needs at least one tensor"),
+    (lambda c: c.grouped_allreduce([torch.zeros(1), torch.zeros(1, dtype=torch.float64)]), "needs one dtype"),
+    (lambda c: c.allgather(torch.tensor(1.0)), "at least one dimension"),
+    (lambda c: c.broadcast(torch.zeros(1), root=1), "root 1 is not a rank of a communicator of size 1"),
+    (lambda c: c.subgroup([]), "must be distinct, increasing and within 0..0"),
+    (lambda c: c.subgroup([0, 0]), "must be distinct"),
+    (lambda c: c.subgroup([1]), "within 0..0"),
+])
+def test_bad_arguments_are_one_line_errors(comm: Comm, call: Callable[[Comm], object], message: str) -> None:
+    with pytest.raises(CommError, match=re.escape(message)) as info:
+        call(comm)
+    assert "\n" not in str(info.value)
+
+
+def test_error_names_the_call_site(comm: Comm) -> None:
+    with pytest.raises(CommError, match=r"^factors: segment sizes"):
+        comm.reduce_scatter(torch.zeros(3), [4], name="factors")
+
+
+def test_one_rank_primitives_and_counters(comm: Comm) -> None:
+    t = torch.arange(6.0).reshape(2, 3)
+    assert comm.allreduce(t.clone(), op="sum").equal(t)
+    assert comm.reduce_scatter(torch.arange(4.0), [4]).equal(torch.arange(4.0))
+    assert [g.shape for g in comm.allgather(torch.zeros(0, 5))] == [(0, 5)]
+    assert comm.subgroup([0]) is comm
+    assert comm.counters.snapshot() == {"allreduce": Count(1, 24), "reduce_scatter": Count(1, 16),
+                                        "allgather": Count(1, 0)}
+
+
+def test_byte_counters_snapshot_is_a_copy() -> None:
+    c = ByteCounters()
+    c.add("a", [torch.zeros(3, dtype=torch.float16), torch.zeros(2, dtype=torch.int64)])
+    snap = c.snapshot()
+    c.add("a", [torch.zeros(1)])
+    assert snap == {"a": Count(1, 22)} and c.snapshot() == {"a": Count(2, 26)}
+    c.reset()
+    assert c.snapshot() == {}
+
+
+def test_handle_waits_once() -> None:
+    calls: list[int] = []
+
+    def finish() -> int:
+        calls.append(1)
+        return len(calls)
+    h = Handle(finish)
+    assert h.wait() == 1 and h.wait() == 1 and calls == [1]
+
+
+def test_pad_dim0() -> None:
+    t = torch.ones(2, 3)
+    assert pad_dim0(t, 2) is t
+    assert pad_dim0(t, 4).equal(torch.cat([t, torch.zeros(2, 3)]))
+
+
+# ---- GradientAverager bucketing, on a fake two-rank communicator ----------------------------
+
+class EchoComm(Comm):
+    """Pretends to be rank 0 of 2 whose peer holds identical tensors: averages are the inputs.
+
+    It records the size of each allreduce it launches.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(0, 2, torch.device("cpu"))
+        self.launches: list[int] = []
+
+    def _allreduce(self, tensors: list[Tensor], op: Op, name: str) -> Callable[[], object]:
+        self.launches.append(tensors[0].numel())
+        return lambda: None
+
+    def _reduce_scatter(self, flat: Tensor, sizes: list[int], op: Op, name: str) -> Callable[[], Tensor]:
+        raise NotImplementedError
+
+    def _allgather(self, t: Tensor, name: str) -> Callable[[], list[Tensor]]:
+        raise NotImplementedError
+
+    def _broadcast(self, t: Tensor, root: int, name: str) -> Callable[[], object]:
+        raise NotImplementedError
+
+    def _new_subgroup(self, ranks: list[int]) -> Comm | None:
+        raise NotImplementedError
+
+    def barrier(self) -> None:
+        raise NotImplementedError
+
+    def shutdown(self) -> None:
+        raise NotImplementedError
+
+
+def _mlp() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+
+
+def _grads(model: nn.Module) -> list[Tensor]:
+    out = [p.grad for p in model.parameters()]
+    assert all(g is not None for g in out)
+    return [g.clone() for g in out if g is not None]
+
+
+def test_buckets_launch_during_backward_in_order() -> None:
+    model, comm = _mlp(), EchoComm()
+    avg = GradientAverager(model, comm, bucket_mb=30 * 4 / 2**20)  # 30 floats per bucket
+    seen_in_backward: list[int] = []
+    fc1 = model[0]
+    assert isinstance(fc1, nn.Linear)
+    fc1.bias.register_post_accumulate_grad_hook(lambda _: seen_in_backward.extend(comm.launches))
+    model(torch.randn(3, 4)).sum().backward()
+    # Reverse order: fc3.b 2 + fc3.w 16 + fc2.b 8 | fc2.w 64 | fc1.b 8 | fc1.w 32 (+1 flag each).
+    assert len(seen_in_backward) >= 2, "buckets completed early in backward were not sent right away"
+    expected = _grads(model)
+    avg.wait()
+    assert comm.launches == [26 + 3, 64 + 1, 8 + 1, 32 + 1]
+    assert all(g.equal(e) for g, e in zip(_grads(model), expected, strict=True))
+
+
+def test_no_sync_accumulates_and_sends_once() -> None:
+    model, comm = _mlp(), EchoComm()
+    avg = GradientAverager(model, comm)
+    x = torch.randn(4, 4)
+    with avg.no_sync():
+        model(x[:2]).sum().backward()
+    assert comm.launches == []
+    model(x[2:]).sum().backward()
+    avg.wait()
+    assert len(comm.launches) == 1
+    averaged = _grads(model)
+    model.zero_grad()
+    model(x).sum().backward()
+    assert all(torch.allclose(a, g) for a, g in zip(averaged, _grads(model), strict=True))
+
+
+def test_second_backward_before_wait_is_refused() -> None:
+    model = _mlp()
+    GradientAverager(model, EchoComm())  # its hooks keep it alive
+    model(torch.randn(2, 4)).sum().backward()
+    with pytest.raises(RuntimeError, match="changed after its bucket was sent"):
+        model(torch.randn(2, 4)).sum().backward()
+
+
+def test_single_rank_averager_is_a_no_op(comm: Comm) -> None:
+    model = _mlp()
+    avg = GradientAverager(model, comm)
+    model(torch.randn(2, 4)).sum().backward()
+    before = _grads(model)
+    avg.wait()
+    assert all(g.equal(b) for g, b in zip(_grads(model), before, strict=True))
+    assert comm.counters.snapshot() == {}
+
+
+def test_bucket_size_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="bucket_mb=0"):
+        GradientAverager(_mlp(), EchoComm(), bucket_mb=0)
