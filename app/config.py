@@ -35,6 +35,8 @@ class CommConfig:
                       "horovod, or auto (horovod when launched by horovodrun, else torch)",
                       choices=("auto", "torch", "horovod"))
     timeout_s: int = _f(60, "seconds a collective may wait before every rank aborts", gt=0)
+    bucket_mb: float = _f(25.0, "gradient averaging: MiB per bucket, each sent as soon as its "
+                          "gradients are ready during backward", gt=0.0)
 
 
 @dataclass
@@ -137,6 +139,10 @@ class OutputConfig:
     name: str = _f("", "run directory name; empty = <config name>-<timestamp>")
     tensorboard: bool = _f(True, "write TensorBoard event files")
     plot: bool = _f(True, "write plot.png at the end of the run")
+    progress: str = _f("auto", "rank-0 console progress: a tqdm bar, plain periodic lines, or auto (a bar "
+                       "for a single process on a terminal; lines under MPI launchers, whose pty "
+                       "forwarding makes every rank look like a terminal even in batch logs)",
+                       choices=("auto", "bar", "lines"))
 
 
 @dataclass

@@ -9,6 +9,7 @@ are part of the differentiated function.
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Callable
 
 import torch
@@ -54,13 +55,17 @@ def check_gradients(model: nn.Module, loss_fn: LossFn, inputs: Tensor, targets: 
 def check_config(cfg: Config, batch: int, max_per_tensor: int = 8) -> list[tuple[str, float]]:
     """``spngd check``: the configured model (classes from ``model.num_classes``, else 10) on a
     seeded random batch at ``data.image_size``; backprop correctness does not depend on the data,
-    and a random probe needs no dataset on the machine that runs the check."""
+    and a random probe needs no dataset on the machine that runs the check.
+
+    Zero-init of the residual BN gammas is turned off for the probe: with gamma = beta = 0 a block
+    adds exact zeros to ReLU outputs that are exactly 0, which puts the next ReLU on its kink where
+    central differences see half the slope (a non-differentiable point, not a backprop bug)."""
     from app.models import build_model
     from app.optim import build_criterion
 
     torch.manual_seed(cfg.train.seed)
     classes = cfg.model.num_classes or 10
-    model = build_model(cfg.model, classes)
+    model = build_model(dataclasses.replace(cfg.model, zero_init_residual=False), classes)
     gen = torch.Generator().manual_seed(cfg.train.seed)
     x = torch.randn(batch, 3, cfg.data.image_size, cfg.data.image_size, generator=gen)
     y = torch.randint(0, classes, (batch,), generator=gen)

@@ -1,0 +1,132 @@
+"""Atomic, verifiable checkpoints and automatic resume.
+
+A job can be killed at any instant (walltime, preemption, node failure), so a checkpoint is
+written to a temporary file, fsynced, renamed into place, and only then given a SHA-256 sidecar.
+A checkpoint counts as complete only when its sidecar matches; a truncated or corrupt file is
+refused with one warning and the previous complete one is used instead.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import signal
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+#: Exit code after a signal-triggered checkpoint; job scripts requeue or chain on it.
+REQUEUE_EXIT = 85
+
+_NAME = re.compile(r"^ckpt-(\d{8})\.pt$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that was asked for explicitly cannot be used."""
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_atomic(path: Path, write: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with tmp.open("wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(path)
+    _fsync_dir(path.parent)
+
+
+class Checkpointer:
+    """Saves and finds checkpoints in ``<run_dir>/checkpoints``; only rank 0 writes."""
+
+    def __init__(self, run_dir: Path, keep: int) -> None:
+        self.dir = Path(run_dir) / "checkpoints"
+        self.keep = keep
+
+    def save(self, state: dict[str, Any], step: int) -> Path:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        path = self.dir / f"ckpt-{step:08d}.pt"
+        _write_atomic(path, lambda f: torch.save(state, f))
+        digest = _sha256(path)
+        _write_atomic(path.with_suffix(".pt.sha256"), lambda f: f.write(digest.encode()))
+        self._prune()
+        return path
+
+    def _all(self) -> list[Path]:
+        if not self.dir.is_dir():
+            return []
+        return sorted((p for p in self.dir.iterdir() if _NAME.match(p.name)), reverse=True)
+
+    def _prune(self) -> None:
+        for old in self._all()[self.keep:]:
+            old.unlink(missing_ok=True)
+            old.with_suffix(".pt.sha256").unlink(missing_ok=True)
+
+    def load_latest(self) -> tuple[dict[str, Any], Path] | None:
+        """The newest complete checkpoint, skipping (with a warning) any that fail verification."""
+        for path in self._all():
+            try:
+                return load(path), path
+            except CheckpointError as exc:
+                log.warning("%s; trying an older checkpoint", exc)
+        return None
+
+
+def load(path: Path) -> dict[str, Any]:
+    """Load one checkpoint after checking its digest; weights_only so a file cannot run code."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    sidecar = path.with_suffix(".pt.sha256")
+    if not sidecar.is_file():
+        raise CheckpointError(f"checkpoint {path} is incomplete (no {sidecar.name})")
+    if sidecar.read_text().strip() != _sha256(path):
+        raise CheckpointError(f"checkpoint {path} is corrupt (SHA-256 mismatch)")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure means the file is unusable
+        raise CheckpointError(f"checkpoint {path} cannot be read: {exc}") from None
+
+
+class StopSignal:
+    """Remembers SIGUSR1/SIGTERM so the loop can checkpoint at the next step boundary.
+
+    Handlers only set a flag: the ranks then agree (one tiny allreduce per step) so all of them
+    save and exit together, whichever rank the scheduler signalled.
+    """
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def install(self) -> None:
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, _frame: Any) -> None:
+        self.received = signum
+
+    def uninstall(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()

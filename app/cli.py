@@ -1,0 +1,174 @@
+"""The ``spngd`` command.
+
+Errors a user can fix (bad config, missing data, bad launcher environment) print ONE line, on
+rank 0 only since every rank sees the same input, and exit 2. Anything else is a failure of one
+rank: it prints its error once and brings the whole job down (``launch.abort_on_error``), so no
+rank waits in a collective for a peer that is gone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Callable, Sequence
+
+from app import config as config_mod
+
+USAGE_EXIT = 2
+
+
+class UserError(Exception):
+    """A problem in the user's input; the message is one line."""
+
+
+def _user_error_types() -> tuple[type[BaseException], ...]:
+    from app.checkpoint import CheckpointError
+    from app.data import DataError
+    from app.launch import LaunchError
+    return (config_mod.ConfigError, DataError, LaunchError, CheckpointError, UserError)
+
+
+def _options_epilog() -> str:
+    rows = config_mod.describe()
+    width = max(len(k) for k, _, _ in rows)
+    lines = ["configuration keys (set in YAML or with --set key=value):"]
+    lines += [f"  {k:<{width}}  {h} (default: {d!r})" for k, d, h in rows]
+    return "\n".join(lines)
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", "-c", metavar="YAML", help="YAML configuration (see configs/)")
+    p.add_argument("--set", "-s", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one key, e.g. --set optim.lr=0.2 (repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="spngd", description="Distributed second-order (K-FAC / SP-NGD) training of ResNets. "
+        "Launch with mpirun, srun or qsub; every rank runs the same command.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    train = sub.add_parser(
+        "train", help="train a model (one process per GPU)",
+        description="Train with data-parallel SGD/LARS/Adam or K-FAC. Example: "
+        "mpirun -np 4 spngd train --config configs/demo.yaml --set optim.lr=0.2",
+        epilog=_options_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_config_args(train)
+    train.add_argument("--resume", metavar="auto|PATH",
+                       help="resume from the newest complete checkpoint of the run (auto) or a file "
+                       "(same as --set checkpoint.resume=...)")
+    train.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+                       help="rank-0 log level (other ranks log warnings and errors only)")
+    train.set_defaults(func=_cmd_train)
+
+    check = sub.add_parser(
+        "check", help="finite-difference check of the configured model's gradients",
+        description="Compares autograd gradients of the configured model with central finite "
+        "differences in float64 on a small batch and prints the maximum relative error per "
+        "parameter tensor.")
+    _add_config_args(check)
+    check.add_argument("--batch", type=int, default=2, help="examples in the probe batch (default 2)")
+    check.add_argument("--tolerance", type=float, default=1e-5,
+                       help="fail (exit 1) when any relative error exceeds this (default 1e-5)")
+    check.set_defaults(func=_cmd_check)
+
+    from app import submit as submit_mod
+    submit = sub.add_parser(
+        "submit", help="render a cluster job script from a system profile and submit it",
+        description="Render jobscripts/<scheduler>.sh.tmpl for a system profile (jobscripts/systems/), write it "
+        "next to the run's outputs and submit it with sbatch/qsub; prints the job id. Example: spngd submit "
+        "--system abci3 --nodes 4 --group gxx00000 --config configs/imagenet_resnet50_sgd_bs8k.yaml")
+    _add_config_args(submit)
+    submit.add_argument("--system", required=True, metavar="NAME|FILE.yaml",
+                        help="system profile: abci3, abci2-v100, tsubame4, tsubame3, slurm-v100, ... or a path")
+    submit.add_argument("--nodes", required=True, type=int, metavar="N", help="whole nodes to use")
+    submit.add_argument("--walltime", metavar="HH:MM:SS", help="time limit (default: the profile's)")
+    submit.add_argument("--group", metavar="G", help="accounting group (ABCI/TSUBAME group, SLURM account)")
+    submit.add_argument("--sweep", metavar="YAML", help="random search: one array job, one trial per index "
+                        "(see configs/sweep_demo.yaml)")
+    submit.add_argument("--trials", type=int, metavar="K", help="number of sweep trials (default: the sweep file's)")
+    submit.add_argument("--dry-run", action="store_true", help="print the script; write and submit nothing")
+    submit.set_defaults(func=submit_mod.submit_command)
+
+    report = sub.add_parser(
+        "sweep-report", help="rank the trials of a sweep by their FINAL lines",
+        description="Reads DIR/sweep.yaml and the FINAL lines in DIR/logs/, writes DIR/report.csv and prints "
+        "the trials ranked by the sweep's metric.")
+    report.add_argument("dir", metavar="DIR", help="the sweep directory that `spngd submit --sweep` printed")
+    report.add_argument("--metric", help="FINAL-line field to rank by (default: the sweep file's metric)")
+    report.set_defaults(func=submit_mod.sweep_report_command)
+    return parser
+
+
+def _setup_logging(rank: int, level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level) if rank == 0 else logging.WARNING,
+        format=f"%(asctime)s [rank {rank}] %(levelname)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from app import launch
+
+    overrides = list(args.overrides)
+    if args.resume:
+        overrides.append(f"checkpoint.resume={args.resume}")
+    world = launch.discover()
+    _setup_logging(world.rank, args.log_level)
+    cfg = config_mod.load(args.config, overrides)  # validated before any collective starts
+    with launch.abort_on_error(world, passthrough=_user_error_types()):
+        device = launch.select_device(world, cfg.train.device)
+        comm = launch.init_comm(world, cfg.comm, device)
+        from app.train import train
+
+        try:
+            summary = train(cfg, world, comm, device)
+            if comm.rank == 0:
+                print(summary.final_line(), flush=True)
+        finally:
+            comm.shutdown()
+    return 0
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    from app.gradcheck import check_config
+
+    if args.batch <= 0:
+        raise UserError(f"--batch={args.batch} must be a positive integer")
+    if args.tolerance <= 0:
+        raise UserError(f"--tolerance={args.tolerance} must be > 0")
+    logging.basicConfig(level=logging.WARNING)
+    cfg = config_mod.load(args.config, args.overrides)
+    rows = check_config(cfg, batch=args.batch)
+    width = max(len(name) for name, _ in rows)
+    worst = max(err for _, err in rows)
+    for name, err in rows:
+        print(f"{name:<{width}}  max_rel_err={err:.3e}")
+    verdict = "OK" if worst <= args.tolerance else "FAIL"
+    print(f"CHECK {verdict} tensors={len(rows)} max_rel_err={worst:.3e} tolerance={args.tolerance:g}")
+    return 0 if verdict == "OK" else 1
+
+
+def _rank_from_env() -> int:
+    from app.launch import LaunchError, discover
+    try:
+        return discover().rank
+    except LaunchError:
+        return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except _user_error_types() as exc:
+        if _rank_from_env() == 0:
+            print(f"spngd: error: {exc}", file=sys.stderr, flush=True)
+        return USAGE_EXIT
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

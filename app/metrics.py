@@ -1,0 +1,141 @@
+"""Rank-0 observability: progress display, metrics.csv, TensorBoard, the end-of-run plot, and the
+machine-readable FINAL line that sweeps and job scripts parse."""
+
+from __future__ import annotations
+
+import csv
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+#: Columns of metrics.csv; later features append theirs via ``extra_fields``.
+BASE_FIELDS = ("kind", "step", "epoch", "time_s", "loss", "top1", "top5", "lr",
+               "img_per_s", "data_s", "step_s", "skipped_images")
+
+
+@dataclass
+class Summary:
+    """What a finished run reports; ``final_line`` is its stable text form."""
+
+    val_top1: float
+    val_loss: float
+    epochs: int
+    steps: int
+    time_s: float
+    img_per_s: float
+    run_dir: Path
+
+    def final_line(self) -> str:
+        return (f"FINAL val_top1={self.val_top1:.4f} val_loss={self.val_loss:.4f} "
+                f"epochs={self.epochs} steps={self.steps} time_s={self.time_s:.1f} "
+                f"img_per_s={self.img_per_s:.1f} run_dir={self.run_dir}")
+
+
+def parse_final_line(line: str) -> dict[str, float | int | str]:
+    """Inverse of ``Summary.final_line`` (for sweep reports and tests)."""
+    if not line.startswith("FINAL "):
+        raise ValueError(f"not a FINAL line: {line!r}")
+    out: dict[str, float | int | str] = {}
+    for item in line[len("FINAL "):].split():
+        key, value = item.split("=", 1)
+        out[key] = value if key == "run_dir" else (int(value) if key in ("epochs", "steps") else float(value))
+    return out
+
+
+class Metrics:
+    """Writes one CSV row per logged step / validation and mirrors them to TensorBoard and the
+    console. Only rank 0 constructs one; other ranks pass ``None`` around instead."""
+
+    def __init__(self, run_dir: Path, total_steps: int, *, tensorboard: bool, bar: bool,
+                 extra_fields: tuple[str, ...] = (), stream: TextIO = sys.stdout) -> None:
+        self.run_dir = run_dir
+        self.total_steps = total_steps
+        self.fields = BASE_FIELDS + tuple(f for f in extra_fields if f not in BASE_FIELDS)
+        self.history: list[dict[str, Any]] = []
+        self._stream = stream
+        self._start = time.monotonic()
+        new = not (run_dir / "metrics.csv").exists()
+        self._csv_file = (run_dir / "metrics.csv").open("a", newline="")
+        self._csv = csv.DictWriter(self._csv_file, fieldnames=self.fields, extrasaction="ignore")
+        if new:
+            self._csv.writeheader()
+        self._tb = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+            self._tb = SummaryWriter(str(run_dir / "tensorboard"))
+        self._bar = None
+        if bar:
+            from tqdm import tqdm
+            self._bar = tqdm(total=total_steps, file=stream, dynamic_ncols=True, unit="step")
+
+    def log(self, row: dict[str, Any]) -> None:
+        row = {"time_s": round(time.monotonic() - self._start, 3), **row}
+        self.history.append(row)
+        self._csv.writerow({k: _fmt(v) for k, v in row.items()})
+        self._csv_file.flush()
+        if self._tb is not None:
+            for key, value in row.items():
+                if key not in ("kind", "step", "epoch") and isinstance(value, (int, float)) and math.isfinite(value):
+                    self._tb.add_scalar(f"{row['kind']}/{key}", value, row["step"])
+        self._show(row)
+
+    def _show(self, row: dict[str, Any]) -> None:
+        if row["kind"] == "train" and self._bar is not None:
+            self._bar.n = row["step"]
+            self._bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['top1']:.3f}",
+                                  img_s=f"{row['img_per_s']:.0f}", refresh=False)
+            self._bar.refresh()
+            return
+        elapsed = time.monotonic() - self._start
+        if row["kind"] == "train":
+            done = max(row["step"], 1)
+            eta = elapsed / done * max(self.total_steps - done, 0)
+            text = (f"step {row['step']}/{self.total_steps} epoch {row['epoch']:.2f} "
+                    f"loss {row['loss']:.4f} acc {row['top1']:.3f} lr {row['lr']:.4g} "
+                    f"img/s {row['img_per_s']:.0f} eta {eta:.0f}s")
+        else:
+            text = (f"validation step {row['step']} epoch {row['epoch']:.2f} "
+                    f"loss {row['loss']:.4f} top1 {row['top1']:.4f} top5 {row['top5']:.4f}")
+        if self._bar is not None:
+            self._bar.write(text)
+        else:
+            print(text, file=self._stream, flush=True)
+
+    def close(self, plot: bool) -> Path | None:
+        if self._bar is not None:
+            self._bar.close()
+        self._csv_file.close()
+        if self._tb is not None:
+            self._tb.close()
+        return write_plot(self.history, self.run_dir / "plot.png") if plot else None
+
+
+def _fmt(value: Any) -> Any:
+    return f"{value:.6g}" if isinstance(value, float) else value
+
+
+def write_plot(history: list[dict[str, Any]], path: Path) -> Path:
+    """Loss, accuracy and throughput against step, for a glance at a finished run."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [r for r in history if r["kind"] == "train"]
+    val = [r for r in history if r["kind"] == "val"]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    panels = (("loss", "loss"), ("top1", "top-1 accuracy"), ("img_per_s", "images / s"))
+    for ax, (key, title) in zip(axes, panels):
+        ax.plot([r["step"] for r in train], [r[key] for r in train], label="train")
+        if key != "img_per_s" and val:
+            ax.plot([r["step"] for r in val], [r[key] for r in val], "o-", label="validation")
+            ax.legend()
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -1,0 +1,330 @@
+"""The SPMD training loop: every rank runs this same code on its shard of each global batch."""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from app import config as config_mod
+from app.checkpoint import REQUEUE_EXIT, Checkpointer, StopSignal, load as load_checkpoint
+from app.comm import Comm
+from app.comm.grad_sync import GradientAverager
+from app.config import Config
+from app.data import build_loaders
+from app.launch import World
+from app.metrics import Metrics, Summary
+from app.models import build_model
+from app.optim import build_criterion, build_optimizer, build_schedule
+
+log = logging.getLogger(__name__)
+
+
+class Requeue(SystemExit):
+    """Raised after a signal-triggered checkpoint; exits with the code job scripts requeue on."""
+
+    def __init__(self) -> None:
+        super().__init__(REQUEUE_EXIT)
+
+
+@dataclass
+class _Position:
+    step: int = 0
+
+
+def _broadcast_text(comm: Comm, text: str) -> str:
+    """Rank 0's string on every rank (run directory names must agree)."""
+    buf = torch.zeros(1024, dtype=torch.uint8, device=comm.device)
+    raw = text.encode()[:1024]
+    if comm.rank == 0:
+        buf[: len(raw)] = torch.tensor(list(raw), dtype=torch.uint8)
+    comm.broadcast(buf, root=0, name="setup")
+    return bytes(buf.cpu().tolist()).rstrip(b"\0").decode()
+
+
+def make_run_dir(cfg: Config, comm: Comm) -> Path:
+    name = cfg.output.name or f"{cfg.name}-{datetime.now():%Y%m%d-%H%M%S}"
+    run_dir = Path(cfg.output.dir) / _broadcast_text(comm, name)
+    if comm.rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        config_mod.dump(cfg, run_dir / "config.yaml")
+    comm.barrier()
+    return run_dir
+
+
+def _autocast(cfg: Config, device: torch.device) -> Any:
+    if cfg.train.precision == "fp32":
+        return nullcontext()
+    dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def _loss_precision(out: torch.Tensor) -> torch.Tensor:
+    """Logits in at least float32 for the loss (autocast may give bf16/fp16; float64 stays)."""
+    return out.to(torch.promote_types(out.dtype, torch.float32))
+
+
+def _accuracy_counts(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(top-1 hits, top-5 hits, valid count), ignoring padded entries (label -1)."""
+    valid = labels >= 0
+    k = min(5, logits.shape[1])
+    top = logits.topk(k, dim=1).indices
+    hits = top == labels[:, None]
+    return ((hits[:, 0] & valid).sum(), (hits.any(dim=1) & valid).sum(), valid.sum())
+
+
+class Trainer:
+    """Owns the model, optimiser, preconditioner and loaders of one run."""
+
+    def __init__(self, cfg: Config, world: World, comm: Comm, device: torch.device) -> None:
+        self.cfg, self.world, self.comm, self.device = cfg, world, comm, device
+        self.dtype = getattr(torch, cfg.train.dtype)
+        torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+        if cfg.train.deterministic:
+            torch.use_deterministic_algorithms(True)
+        self.train_loader, self.val_loader, self.info = build_loaders(
+            cfg, comm.rank, comm.size, device, seed=cfg.train.seed)
+        self.model = build_model(cfg.model, self.info.num_classes, in_channels=self.info.channels)
+        self.model.to(device=device, dtype=self.dtype)
+        for tensor in list(self.model.parameters()) + list(self.model.buffers()):
+            comm.broadcast(tensor.data, root=0, name="setup")
+        self.criterion = build_criterion(cfg.optim)
+        self.accum = cfg.optim.grad_accum
+        self.global_batch = cfg.data.batch_size * comm.size * self.accum
+        self.steps_per_epoch = len(self.train_loader) // self.accum
+        if self.steps_per_epoch == 0:
+            raise config_mod.ConfigError(
+                f"config: data.batch_size={cfg.data.batch_size} x {comm.size} ranks x optim.grad_accum="
+                f"{self.accum} leaves no full step in an epoch of {self.info.train_size} images")
+        self.total_steps = max(1, round(cfg.train.epochs * self.steps_per_epoch))
+        if cfg.train.max_steps:
+            self.total_steps = min(self.total_steps, cfg.train.max_steps)
+        self.optimizer = build_optimizer(self.model, cfg.optim, self.global_batch)
+        self.schedule = build_schedule(self.optimizer, cfg.optim, self.steps_per_epoch, self.total_steps)
+        self.kfac = None
+        if cfg.optim.preconditioner == "kfac":
+            from app.kfac import KFAC
+            self.kfac = KFAC(self.model, cfg.kfac, comm if comm.size > 1 else None)
+        self.averager = GradientAverager(self.model, comm, bucket_mb=cfg.comm.bucket_mb)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.precision == "fp16")
+        torch.manual_seed(cfg.train.seed * 100_003 + comm.rank + 1)  # per-rank stream (MC labels)
+        self.pos = _Position()
+
+    # -- state -----------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        rng = self.comm.allgather(torch.get_rng_state().to(self.device)[None], name="checkpoint")
+        return {
+            "step": self.pos.step,
+            "world_size": self.comm.size,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "schedule": self.schedule.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "kfac": self.kfac.state_dict() if self.kfac is not None else {},
+            "rng": [r[0].cpu() for r in rng],
+            "config": self.cfg.to_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state["world_size"] != self.comm.size:
+            log.warning("checkpoint was written by %d ranks, resuming on %d: per-rank random streams "
+                        "restart", state["world_size"], self.comm.size)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.schedule.load_state_dict(state["schedule"])
+        self.scaler.load_state_dict(state["scaler"])
+        if self.kfac is not None and state["kfac"]:
+            self.kfac.load_state_dict(state["kfac"])
+        if state["world_size"] == self.comm.size:
+            torch.set_rng_state(state["rng"][self.comm.rank])
+        self.pos.step = state["step"]
+
+    # -- loop ------------------------------------------------------------------------------
+    def _micro_batches(self) -> Iterator[tuple[int, list[tuple[torch.Tensor, torch.Tensor]]]]:
+        """(epoch, [accum micro-batches]) from the current position to the end of training."""
+        while self.pos.step < self.total_steps:
+            epoch, in_epoch = divmod(self.pos.step, self.steps_per_epoch)
+            it = self.train_loader.epoch(epoch, start_batch=in_epoch * self.accum)
+            for _ in range(in_epoch, self.steps_per_epoch):
+                group = [next(it) for _ in range(self.accum)]
+                yield epoch, group
+                if self.pos.step >= self.total_steps:
+                    return
+
+    def _train_step(self, group: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+        step = self.pos.step
+        lr = self.schedule.set_step(step)
+        if self.kfac is not None:
+            self.kfac.begin_step(step)
+        loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
+        hits = torch.zeros((), device=self.device, dtype=torch.float64)
+        for i, (x, y) in enumerate(group):
+            x = x.to(self.dtype)
+            if self.cfg.model.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            last = i == len(group) - 1
+            with self.averager.sync(last):
+                with _autocast(self.cfg, self.device):
+                    out = self.model(x)
+                    loss = self.criterion(_loss_precision(out), y) / self.accum
+                if self.kfac is not None:
+                    self.kfac.fisher_backward(out)
+                self.scaler.scale(loss).backward()
+            loss_sum += loss.detach().double()
+            hits += (out.detach().argmax(1) == y).sum().double()
+        self.averager.wait()
+        self.scaler.unscale_(self.optimizer)
+        if self.kfac is not None:
+            self.kfac.step(lr, loss_scale=self.scaler.get_scale() if self.scaler.is_enabled() else 1.0)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss_sum, hits / (len(group) * group[0][1].shape[0])
+
+    def validate(self) -> tuple[float, float, float]:
+        """(loss, top-1, top-5) over the whole validation set, each image counted once."""
+        self.model.eval()
+        totals = torch.zeros(4, device=self.device, dtype=torch.float64)
+        with torch.no_grad(), _autocast(self.cfg, self.device):
+            for x, y in self.val_loader.epoch(0):
+                x = x.to(self.dtype)
+                if self.cfg.model.channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                out = _loss_precision(self.model(x))
+                loss = nn.functional.cross_entropy(out, y, ignore_index=-1, reduction="sum")
+                top1, top5, n = _accuracy_counts(out, y)
+                totals += torch.stack([loss.double(), top1.double(), top5.double(), n.double()])
+        self.comm.allreduce(totals, op="sum", name="validation")
+        self.model.train()
+        n = max(totals[3].item(), 1.0)
+        return totals[0].item() / n, totals[1].item() / n, totals[2].item() / n
+
+    def _val_due(self, step: int) -> bool:
+        every = self.cfg.train.val_every
+        if every <= 0:
+            return False
+        period = max(1, round(every * self.steps_per_epoch))
+        return step % period == 0 and step < self.total_steps
+
+    def run(self, run_dir: Path) -> Summary:
+        cfg, comm = self.cfg, self.comm
+        ckpt = Checkpointer(run_dir, cfg.checkpoint.keep)
+        if cfg.checkpoint.resume:
+            self._resume(ckpt)
+        metrics = None
+        if comm.rank == 0:
+            extra = tuple(self.kfac.stats) if self.kfac is not None else ()
+            bar = {"bar": True, "lines": False}.get(cfg.output.progress,
+                                                   self.world.launcher == "single" and sys.stdout.isatty())
+            metrics = Metrics(run_dir, self.total_steps, tensorboard=cfg.output.tensorboard, bar=bar,
+                              extra_fields=extra)
+            log.info("run %s: %d ranks, global batch %d, %d steps/epoch, %d steps", run_dir, comm.size,
+                     self.global_batch, self.steps_per_epoch, self.total_steps)
+        stop = StopSignal()
+        stop.install()
+        self.model.train()
+        t0 = time.monotonic()
+        window_t, window_imgs, data_s, trained_imgs = time.monotonic(), 0, 0.0, 0
+        loss_acc = torch.zeros(2, device=self.device, dtype=torch.float64)
+        val: tuple[float, float, float] | None = None
+        try:
+            batches = self._micro_batches()
+            while self.pos.step < self.total_steps:
+                td = time.monotonic()
+                epoch, group = next(batches)
+                data_s += time.monotonic() - td
+                loss, acc = self._train_step(group)
+                loss_acc += torch.stack([loss, acc])
+                self.pos.step += 1
+                imgs = self.global_batch
+                window_imgs += imgs
+                trained_imgs += imgs
+                step = self.pos.step
+                if step % cfg.train.log_every == 0 or step == self.total_steps:
+                    self.comm.allreduce(loss_acc, op="avg", name="metrics")
+                    n_logged = cfg.train.log_every if step % cfg.train.log_every == 0 else step % cfg.train.log_every
+                    elapsed = time.monotonic() - window_t
+                    if metrics is not None:
+                        row = {"kind": "train", "step": step, "epoch": step / self.steps_per_epoch,
+                               "loss": loss_acc[0].item() / n_logged, "top1": loss_acc[1].item() / n_logged,
+                               "lr": self.optimizer.param_groups[0]["lr"], "img_per_s": window_imgs / elapsed,
+                               "data_s": data_s, "step_s": elapsed / n_logged,
+                               "skipped_images": self.train_loader.skipped}
+                        if self.kfac is not None:
+                            row.update(self.kfac.stats)
+                        metrics.log(row)
+                    loss_acc.zero_()
+                    window_t, window_imgs, data_s = time.monotonic(), 0, 0.0
+                if self._val_due(step):
+                    val = self._log_val(metrics, step)
+                if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0:
+                    self._save(ckpt)
+                if self._stop_agreed(stop):
+                    self._save(ckpt)
+                    if comm.rank == 0:
+                        log.warning("signal received: checkpoint written at step %d, exiting with %d",
+                                    step, REQUEUE_EXIT)
+                    raise Requeue()
+            train_time = time.monotonic() - t0
+            val = self._log_val(metrics, self.pos.step)
+            self._save(ckpt)
+        finally:
+            stop.uninstall()
+            if metrics is not None:
+                plot = metrics.close(plot=cfg.output.plot)
+                if plot is not None:
+                    log.info("plot: %s", plot)
+        return Summary(val_top1=val[1], val_loss=val[0], epochs=math.ceil(self.pos.step / self.steps_per_epoch),
+                       steps=self.pos.step, time_s=train_time, img_per_s=trained_imgs / max(train_time, 1e-9),
+                       run_dir=run_dir)
+
+    def _log_val(self, metrics: Metrics | None, step: int) -> tuple[float, float, float]:
+        loss, top1, top5 = self.validate()
+        if metrics is not None:
+            metrics.log({"kind": "val", "step": step, "epoch": step / self.steps_per_epoch,
+                         "loss": loss, "top1": top1, "top5": top5,
+                         "skipped_images": self.val_loader.skipped})
+        return loss, top1, top5
+
+    def _stop_agreed(self, stop: StopSignal) -> bool:
+        flag = torch.tensor([1.0 if stop.received else 0.0], device=self.device)
+        return self.comm.allreduce(flag, op="sum", name="signal").item() > 0
+
+    def _save(self, ckpt: Checkpointer) -> None:
+        state = self.state_dict()  # collective (RNG gather): every rank calls it
+        if self.comm.rank == 0:
+            path = ckpt.save(state, self.pos.step)
+            log.info("checkpoint: %s", path)
+        self.comm.barrier()
+
+    def _resume(self, ckpt: Checkpointer) -> None:
+        which = self.cfg.checkpoint.resume
+        if which == "auto":
+            found = ckpt.load_latest()
+            if found is None:
+                if self.comm.rank == 0:
+                    log.info("resume=auto: no checkpoint in %s, starting fresh", ckpt.dir)
+                return
+            state, path = found
+        else:
+            path = Path(which)
+            state = load_checkpoint(path)
+        self.load_state_dict(state)
+        if self.comm.rank == 0:
+            log.info("resumed from %s at step %d", path, self.pos.step)
+
+
+def train(cfg: Config, world: World, comm: Comm, device: torch.device) -> Summary:
+    """Run one training job; returns the summary that rank 0 prints as the FINAL line."""
+    trainer = Trainer(cfg, world, comm, device)
+    run_dir = make_run_dir(cfg, comm)
+    return trainer.run(run_dir)
