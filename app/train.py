@@ -130,7 +130,7 @@ class Trainer:
             "schedule": self.schedule.state_dict(),
             "scaler": self.scaler.state_dict(),
             "kfac": self.kfac.state_dict() if self.kfac is not None else {},
-            "rng": [r[0].cpu() for r in rng],
+            "rng": [r[0].cpu().clone() for r in rng],  # own storage: set_rng_state needs offset 0
             "config": self.cfg.to_dict(),
         }
 
@@ -145,7 +145,7 @@ class Trainer:
         if self.kfac is not None and state["kfac"]:
             self.kfac.load_state_dict(state["kfac"])
         if state["world_size"] == self.comm.size:
-            torch.set_rng_state(state["rng"][self.comm.rank])
+            torch.set_rng_state(state["rng"][self.comm.rank].clone())
         self.pos.step = state["step"]
 
     # -- loop ------------------------------------------------------------------------------
