@@ -12,12 +12,13 @@ export OMPI_ALLOW_RUN_AS_ROOT := 1
 export OMPI_ALLOW_RUN_AS_ROOT_CONFIRM := 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: venv venv-test horovod test demo clean help
+.PHONY: venv venv-test horovod schedulers test demo clean help
 
 help:
 	@echo "make demo     - set up .venv and train a small ResNet on the bundled MNIST-5k with mpirun -np $(NP)"
 	@echo "make test     - set up .venv (with DALI and Horovod) and run the test suite"
 	@echo "make horovod  - build Horovod 0.28.1 for this torch (cached under ~/.cache/spngd)"
+	@echo "make schedulers - (root) install SLURM and Grid Engine for the scheduler tests"
 	@echo "make clean    - remove .venv, runs/ and data/"
 
 venv:
@@ -29,7 +30,10 @@ venv-test:
 horovod: venv
 	bash docker/build_horovod.sh
 
-test: venv-test horovod
+schedulers:
+	bash docker/install_schedulers.sh
+
+test: venv-test horovod schedulers
 	$(PY) -m pytest -q -ra $(PYTEST_ARGS)
 
 demo: venv

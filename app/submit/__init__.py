@@ -1,0 +1,83 @@
+"""``spngd submit`` and ``spngd sweep-report``: cluster job scripts from system profiles, and
+random-search sweeps as one array job (see README, "Running on clusters")."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from datetime import datetime
+from pathlib import Path
+
+import yaml
+
+from app import config as config_mod
+from app.cli import UserError
+from app.submit import render, schedulers
+from app.submit import sweep as sweep_mod
+
+#: Keys the job script sets itself, so that a requeued or chained run finds its checkpoints.
+_SCRIPT_KEYS = ("output.dir", "output.name")
+
+
+def build_job(args: argparse.Namespace, *, workdir: Path, python_bin: Path,
+              now: datetime) -> tuple[render.Job, sweep_mod.Sweep | None]:
+    """Check every input (one line per problem) and describe the job; no files, no scheduler."""
+    profile = render.load_profile(args.system)
+    if args.nodes <= 0:
+        raise UserError(f"submit: --nodes={args.nodes} must be a positive integer")
+    walltime = args.walltime or profile.walltime
+    render.parse_walltime(walltime)
+    if profile.group == "required" and not args.group:
+        raise UserError(f"submit: system {profile.name} charges a group: add --group <your group>")
+    if profile.group == "unsupported" and args.group:
+        raise UserError(f"submit: system {profile.name} takes no --group")
+    if not args.config:
+        raise UserError("submit: --config is required")
+    cfg = config_mod.load(args.config, args.overrides)
+    sweep = None
+    if args.sweep:
+        sweep = sweep_mod.load_sweep(args.sweep)
+        sweep = dataclasses.replace(sweep, trials=args.trials or sweep.trials)
+        if sweep.trials < 2:
+            raise UserError(f"submit: a sweep needs --trials >= 2 (got {sweep.trials})")
+        sweep_mod.check(sweep, args.config, args.overrides)
+    elif args.trials:
+        raise UserError("submit: --trials needs --sweep FILE")
+    stamp = f"{now:%Y%m%d-%H%M%S}"
+    staged = bool(profile.stage_data and profile.scratch and cfg.data.path and cfg.data.backend != "synthetic")
+    job = render.Job(
+        profile=profile, nodes=args.nodes, walltime=walltime, group=args.group or "", config=args.config,
+        overrides=tuple(o for o in args.overrides if o.split("=", 1)[0].strip() not in _SCRIPT_KEYS),
+        output_dir=cfg.output.dir,
+        run_name=f"{sweep.name}-{stamp}" if sweep else cfg.output.name or f"{cfg.name}-{stamp}",
+        data_path=cfg.data.path if staged else "", workdir=workdir, python_bin=python_bin,
+        trials=tuple(render.Trial(i, sweep_mod.overrides(sweep, i)) for i in range(1, sweep.trials + 1))
+        if sweep else (),
+        sweep_seed=sweep.seed if sweep else 0)
+    return job, sweep
+
+
+def submit_command(args: argparse.Namespace) -> int:
+    """Render the job script; print it (--dry-run) or write it next to the run and submit it."""
+    job, sweep = build_job(args, workdir=Path.cwd(), python_bin=Path(sys.executable).parent, now=datetime.now())
+    text = render.render(job)
+    if args.dry_run:
+        print(text, end="")
+        return 0
+    job.log_dir.mkdir(parents=True, exist_ok=True)
+    job.script_path.write_text(text)
+    job.script_path.chmod(0o755)
+    if sweep:
+        (job.run_dir / sweep_mod.SPEC_NAME).write_text(yaml.safe_dump(sweep.to_dict(), sort_keys=False))
+    job_id = schedulers.submit(job)
+    print(f"spngd: submitted {job.script_path} to {job.profile.name}; logs in {job.log_dir}/"
+          + (f"; report with: spngd sweep-report {job.run_dir}" if sweep else ""), file=sys.stderr)
+    print(job_id)
+    return 0
+
+
+def sweep_report_command(args: argparse.Namespace) -> int:
+    """Print the ranked table of a sweep directory and write its report.csv."""
+    print(sweep_mod.report(Path(args.dir), args.metric))
+    return 0
