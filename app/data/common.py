@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -168,6 +169,30 @@ def check_start(start_batch: int, batches: int) -> None:
     """``Loader.epoch`` accepts 0..len (len = nothing left of that epoch)."""
     if not 0 <= start_batch <= batches:
         raise ValueError(f"start_batch={start_batch} is outside 0..{batches}")
+
+
+class PlannedLoader(ABC):
+    """What the folder-backed loaders share: batch count from the shard plan, the skip count and
+    the ``epoch`` entry point; a backend supplies only ``_iterate``."""
+
+    def __init__(self, plan: ShardPlan, device: torch.device) -> None:
+        self.batch_size, self.device = plan.batch_size, device
+        self._plan, self._skips = plan, SkipLog()
+
+    def __len__(self) -> int:
+        return len(self._plan)
+
+    @property
+    def skipped(self) -> int:
+        return self._skips.count
+
+    def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Batches ``start_batch..len-1`` of ``epoch`` (``len`` = nothing left of that epoch)."""
+        check_start(start_batch, len(self))
+        return self._iterate(epoch, start_batch)
+
+    @abstractmethod
+    def _iterate(self, epoch: int, start_batch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
 
 
 def candidates(index: int, n: int) -> Iterator[int]:

@@ -30,11 +30,10 @@ from app.data.common import (
     PAD,
     STD_255,
     DataError,
+    PlannedLoader,
     ShardPlan,
-    SkipLog,
     Split,
     candidates,
-    check_start,
 )
 
 _INSTALL = ".venv/bin/python -m pip install nvidia-dali-cuda120==2.4.0"
@@ -63,28 +62,15 @@ def _unreadable(path: str) -> str | None:
     return None
 
 
-class DaliLoader:
+class DaliLoader(PlannedLoader):
     """DALI loader of one split on one rank (see ``common.Loader``)."""
 
     def __init__(self, split: Split, plan: ShardPlan, cfg: DataConfig, device: torch.device,
                  seed: int) -> None:
         self._dali = _require_dali()
-        self.batch_size, self.device = plan.batch_size, device
-        self._split, self._plan, self._cfg, self._seed = split, plan, cfg, seed
+        super().__init__(plan, device)
+        self._split, self._cfg, self._seed = split, cfg, seed
         self._bad: dict[str, str] = {}  # path -> reason, for files known to break the decoder
-        self._skips = SkipLog()
-
-    def __len__(self) -> int:
-        return len(self._plan)
-
-    @property
-    def skipped(self) -> int:
-        return self._skips.count
-
-    def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Batches ``start_batch..len-1`` of ``epoch``."""
-        check_start(start_batch, len(self))
-        return self._iterate(epoch, start_batch)
 
     def _iterate(self, epoch: int, batch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         order = self._plan.indices(epoch)

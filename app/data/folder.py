@@ -16,7 +16,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from app.config import DataConfig
-from app.data.common import PAD, DataError, ShardPlan, SkipLog, Split, candidates, check_start, normalise
+from app.data.common import PAD, DataError, PlannedLoader, ShardPlan, Split, candidates, normalise
 
 _LOG_RATIO = (math.log(3 / 4), math.log(4 / 3))
 
@@ -131,30 +131,18 @@ class _PlanBatches(Sampler[list[Item]]):
             yield [(i, self.epoch) for i in order[k * b:(k + 1) * b]]
 
 
-class FolderLoader:
+class FolderLoader(PlannedLoader):
     """ImageFolder-style loader of one split on one rank (see ``common.Loader``)."""
 
     def __init__(self, split: Split, plan: ShardPlan, cfg: DataConfig, device: torch.device,
                  seed: int) -> None:
-        self.batch_size, self.device, self._skips = plan.batch_size, device, SkipLog()
-        self._plan, self._batches = plan, _PlanBatches(plan)
+        super().__init__(plan, device)
+        self._batches = _PlanBatches(plan)
         transform = _Transform(cfg.image_size, plan.train, cfg.min_crop_area, cfg.random_mirror,
                                cfg.val_resize, seed)
         self._loader = DataLoader(_Images(split, transform), batch_sampler=self._batches,
                                   num_workers=cfg.workers, collate_fn=_collate,
                                   pin_memory=device.type == "cuda", persistent_workers=cfg.workers > 0)
-
-    def __len__(self) -> int:
-        return len(self._plan)
-
-    @property
-    def skipped(self) -> int:
-        return self._skips.count
-
-    def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Batches ``start_batch..len-1`` of ``epoch``; iterate one epoch of a loader at a time."""
-        check_start(start_batch, len(self))
-        return self._iterate(epoch, start_batch)
 
     def _iterate(self, epoch: int, start_batch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         self._batches.select(epoch, start_batch)
