@@ -50,12 +50,12 @@ class Metrics:
     console. Only rank 0 constructs one; other ranks pass ``None`` around instead."""
 
     def __init__(self, run_dir: Path, total_steps: int, *, tensorboard: bool, bar: bool,
-                 extra_fields: tuple[str, ...] = (), stream: TextIO = sys.stdout) -> None:
+                 extra_fields: tuple[str, ...] = (), stream: TextIO | None = None) -> None:
         self.run_dir = run_dir
         self.total_steps = total_steps
         self.fields = BASE_FIELDS + tuple(f for f in extra_fields if f not in BASE_FIELDS)
         self.history: list[dict[str, Any]] = []
-        self._stream = stream
+        self._stream = stream or sys.stdout  # looked up now: callers may have redirected it
         self._start = time.monotonic()
         new = not (run_dir / "metrics.csv").exists()
         self._csv_file = (run_dir / "metrics.csv").open("a", newline="")
@@ -69,7 +69,7 @@ class Metrics:
         self._bar = None
         if bar:
             from tqdm import tqdm
-            self._bar = tqdm(total=total_steps, file=stream, dynamic_ncols=True, unit="step")
+            self._bar = tqdm(total=total_steps, file=self._stream, dynamic_ncols=True, unit="step")
 
     def log(self, row: dict[str, Any]) -> None:
         row = {"time_s": round(time.monotonic() - self._start, 3), **row}
