@@ -86,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--walltime", metavar="HH:MM:SS", help="time limit (default: the profile's)")
     submit.add_argument("--group", metavar="G", help="accounting group (ABCI/TSUBAME group, SLURM account)")
     submit.add_argument("--sweep", metavar="YAML", help="random search: one array job, one trial per index "
-                        "(see configs/sweep_demo.yaml)")
+                        "(see configs/sweeps/demo_lr.yaml)")
     submit.add_argument("--trials", type=int, metavar="K", help="number of sweep trials (default: the sweep file's)")
     submit.add_argument("--dry-run", action="store_true", help="print the script; write and submit nothing")
     submit.set_defaults(func=submit_mod.submit_command)
@@ -98,6 +98,49 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("dir", metavar="DIR", help="the sweep directory that `spngd submit --sweep` printed")
     report.add_argument("--metric", help="FINAL-line field to rank by (default: the sweep file's metric)")
     report.set_defaults(func=submit_mod.sweep_report_command)
+
+    placement = sub.add_parser(
+        "placement", help="balance of K-FAC layer ownership over rank counts (no GPU, no data)",
+        description="Assign a model's K-FAC layers to owner ranks with the same cost model and greedy LPT "
+        "as training, and print per rank count the owners' cost max/mean, its lower bound (one indivisible "
+        "layer may exceed the mean) and the owned factor memory. Example: spngd placement --model resnet50 "
+        "--ranks 4,8,64,128,1024")
+    placement.add_argument("--model", default="resnet50", help="model.arch (default resnet50)")
+    placement.add_argument("--ranks", default="4,8,64,128,1024", metavar="LIST", help="rank counts (default "
+                           "4,8,64,128,1024)")
+    placement.add_argument("--num-classes", type=int, default=1000, help="classifier outputs (default 1000)")
+    placement.add_argument("--share", default="inverses", choices=("inverses", "gradients"),
+                           help="kfac.share: with gradients, owners also precondition every step (default inverses)")
+    placement.set_defaults(func=_cmd_placement)
+
+    bench = sub.add_parser(
+        "bench", help="time SGD vs K-FAC training steps on synthetic data (ms/step, img/s, memory, phases)",
+        description="Measure every case of the cross product of the comma-separated lists on one device: "
+        "mean ms/step (synchronised only around the timed window), img/s, peak memory and a per-phase "
+        "breakdown from a separate synchronised pass; prints a table and writes JSON rows with each K-FAC "
+        "row's ratio to the SGD row of the same batch, precision and layout. --config/--set supply "
+        "everything the bench options do not (e.g. --set kfac.inverse=eigen). Example: spngd bench --model "
+        "resnet50 --batch 32,128 --precision fp32,bf16 --channels-last on,off --optim sgd,kfac "
+        "--factor-interval 1,10 --inverse-interval 1,100 --out results.json")
+    _add_config_args(bench)
+    bench.add_argument("--model", default="resnet50", metavar="LIST", help="model.arch values (default resnet50)")
+    bench.add_argument("--batch", default="32", metavar="LIST", help="images per step (default 32)")
+    bench.add_argument("--precision", default="fp32", metavar="LIST", help="fp32, bf16, fp16 autocast (default fp32)")
+    bench.add_argument("--channels-last", default="off", metavar="LIST", help="on and/or off (default off)")
+    bench.add_argument("--optim", default="sgd,kfac", metavar="LIST",
+                       help="sgd (optim.name without preconditioner) and/or kfac (default sgd,kfac)")
+    bench.add_argument("--factor-interval", default="1", metavar="LIST", help="K-FAC factor intervals (default 1)")
+    bench.add_argument("--inverse-interval", default="1", metavar="LIST",
+                       help="K-FAC inverse intervals (default 1); pairs that are not a multiple of the factor "
+                       "interval are skipped")
+    bench.add_argument("--steps", type=int, default=100, help="timed steps, at least (default 100)")
+    bench.add_argument("--warmup", type=int, default=10, help="untimed steps first (default 10)")
+    bench.add_argument("--image-size", type=int, default=224, help="square input size (default 224)")
+    bench.add_argument("--classes", type=int, default=1000, help="synthetic classes (default 1000)")
+    bench.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                       help="auto = the first GPU if there is one, else cpu")
+    bench.add_argument("--out", metavar="JSON", help="also write the rows and the run's metadata here")
+    bench.set_defaults(func=_cmd_bench)
     return parser
 
 
@@ -147,6 +190,18 @@ def _cmd_check(args: argparse.Namespace) -> int:
     verdict = "OK" if worst <= args.tolerance else "FAIL"
     print(f"CHECK {verdict} tensors={len(rows)} max_rel_err={worst:.3e} tolerance={args.tolerance:g}")
     return 0 if verdict == "OK" else 1
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from app import bench  # torch is imported only by the commands that need it
+
+    return bench.run(args)
+
+
+def _cmd_placement(args: argparse.Namespace) -> int:
+    from app.kfac.placement import placement_command
+
+    return placement_command(args)
 
 
 def _rank_from_env() -> int:

@@ -107,6 +107,17 @@ class KFACConfig:
     kl_clip: float = _f(0.0, "KL-clipping of the preconditioned update; 0 = off", ge=0.0)
     skip: list[str] = _f([], "fnmatch patterns of module names left to the plain gradient")
     batchnorm: bool = _f(True, "precondition BatchNorm with unit-wise 2x2 Fisher blocks")
+    adaptive_lambda: float = _f(0.0, "adaptive intervals (Algorithm 1): a layer's refresh interval grows by 1 "
+                                "when max(Diff(A), Diff(G)) < this; 0 = off, i.e. the fixed factor_interval/"
+                                "inverse_interval, which must be left at 1 when this is on", ge=0.0)
+    share: str = _f("inverses", "how owners share results: inverses (allgather the refreshed inverses, every "
+                    "rank preconditions; cheap when refreshes are rare) or gradients (owners precondition, "
+                    "allgather the preconditioned gradients every step)", choices=("inverses", "gradients"))
+    wire_dtype: str = _f("native", "factor exchange precision on the wire: native (the factors' dtype) or "
+                         "bfloat16 (half the bytes; torch backend only)", choices=("native", "bfloat16"))
+    bucket_mb: float = _f(25.0, "factor exchange: MiB per reduce-scatter bucket", gt=0.0)
+    max_rebalances: int = _f(8, "times per run the layers may be re-placed on ranks when adaptive intervals "
+                             "change the owners' costs; 0 = keep the first placement", ge=0)
 
 
 @dataclass
@@ -288,6 +299,9 @@ def _check_consistency(cfg: Config) -> None:
     if cfg.kfac.inverse_interval % cfg.kfac.factor_interval != 0:
         raise ConfigError(f"config: kfac.inverse_interval={cfg.kfac.inverse_interval} must be a multiple "
                           f"of kfac.factor_interval={cfg.kfac.factor_interval}")
+    if cfg.kfac.adaptive_lambda > 0 and (cfg.kfac.factor_interval, cfg.kfac.inverse_interval) != (1, 1):
+        raise ConfigError(f"config: kfac.adaptive_lambda={cfg.kfac.adaptive_lambda} chooses the intervals itself; "
+                          f"leave kfac.factor_interval and kfac.inverse_interval at 1")
     if cfg.data.val_resize < cfg.data.image_size:
         raise ConfigError(f"config: data.val_resize={cfg.data.val_resize} must be >= data.image_size="
                           f"{cfg.data.image_size}")

@@ -202,6 +202,9 @@ def _init_horovod(world: World, cfg: CommConfig, device: torch.device) -> Comm:
     # once a collective has waited cfg.timeout_s; the check interval must not exceed that.
     os.environ["HOROVOD_STALL_CHECK_TIME_SECONDS"] = str(min(60, cfg.timeout_s))
     os.environ["HOROVOD_STALL_SHUTDOWN_TIME_SECONDS"] = str(cfg.timeout_s)
+    # Every op carries a unique sequence name (see horovod_backend), so Horovod's response cache
+    # would only ever miss and warn about evictions: turn it off unless the user set it.
+    os.environ.setdefault("HOROVOD_CACHE_CAPACITY", "0")
     from app.comm.horovod_backend import HorovodComm
 
     comm = HorovodComm.init_world(device)

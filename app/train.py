@@ -149,16 +149,29 @@ class Trainer:
         self.pos.step = state["step"]
 
     # -- loop ------------------------------------------------------------------------------
-    def _micro_batches(self) -> Iterator[tuple[int, list[tuple[torch.Tensor, torch.Tensor]]]]:
-        """(epoch, [accum micro-batches]) from the current position to the end of training."""
+    def _micro_batches(self) -> Iterator[list[tuple[torch.Tensor, torch.Tensor]]]:
+        """The ``accum`` micro-batches of each step from the current position to the end."""
         while self.pos.step < self.total_steps:
             epoch, in_epoch = divmod(self.pos.step, self.steps_per_epoch)
             it = self.train_loader.epoch(epoch, start_batch=in_epoch * self.accum)
             for _ in range(in_epoch, self.steps_per_epoch):
                 group = [next(it) for _ in range(self.accum)]
-                yield epoch, group
+                yield group
                 if self.pos.step >= self.total_steps:
                     return
+
+    def steps(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, float]]:
+        """Train from the current position to the end, one optimiser step per item: yields this
+        rank's (loss, accuracy, seconds waited for data). ``run`` adds logging, validation and
+        checkpoints around it; experiments can drive it directly and stop early."""
+        batches = self._micro_batches()
+        while self.pos.step < self.total_steps:
+            waited = time.monotonic()
+            group = next(batches)
+            waited = time.monotonic() - waited
+            loss, acc = self._train_step(group)
+            self.pos.step += 1
+            yield loss, acc, waited
 
     def _train_step(self, group: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
         step = self.pos.step
@@ -227,6 +240,8 @@ class Trainer:
                                                    self.world.launcher == "single" and sys.stdout.isatty())
             metrics = Metrics(run_dir, self.total_steps, tensorboard=cfg.output.tensorboard, bar=bar,
                               extra_fields=extra)
+            if self.kfac is not None:
+                self.kfac.trace_layers(run_dir / "kfac_layers.csv")
             log.info("run %s: %d ranks, global batch %d, %d steps/epoch, %d steps", run_dir, comm.size,
                      self.global_batch, self.steps_per_epoch, self.total_steps)
         stop = StopSignal()
@@ -237,14 +252,9 @@ class Trainer:
         loss_acc = torch.zeros(2, device=self.device, dtype=torch.float64)
         val: tuple[float, float, float] | None = None
         try:
-            batches = self._micro_batches()
-            while self.pos.step < self.total_steps:
-                td = time.monotonic()
-                epoch, group = next(batches)
-                data_s += time.monotonic() - td
-                loss, acc = self._train_step(group)
+            for loss, acc, waited in self.steps():
+                data_s += waited
                 loss_acc += torch.stack([loss, acc])
-                self.pos.step += 1
                 imgs = self.global_batch
                 window_imgs += imgs
                 trained_imgs += imgs

@@ -6,7 +6,6 @@ from __future__ import annotations
 import copy
 import io
 import logging
-import threading
 from collections import OrderedDict
 from collections.abc import Iterator
 
@@ -18,6 +17,7 @@ from torch import Tensor, nn
 from app.config import KFACConfig
 from app.kfac import KFAC
 from app.kfac.inverse import Retries, cholesky_inverse
+from thread_comm import ThreadComm, ThreadWorld
 
 
 @pytest.fixture(autouse=True)
@@ -166,33 +166,6 @@ def test_missing_fisher_backward_is_a_clear_error() -> None:
 
 
 # -- data parallel ----------------------------------------------------------------------------------
-class ThreadComm:
-    """N ranks as threads of one process: ``allreduce`` averages or sums in place."""
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-        self._barrier = threading.Barrier(size)
-        self._slots: list[Tensor | None] = [None] * size
-        self.calls = 0
-
-    def rank(self, r: int) -> _RankComm:
-        return _RankComm(self, r)
-
-
-class _RankComm:
-    def __init__(self, shared: ThreadComm, rank: int) -> None:
-        self.shared, self.rank = shared, rank
-
-    def allreduce(self, t: Tensor, op: str = "avg", name: str = "") -> Tensor:
-        s = self.shared
-        s._slots[self.rank] = t.clone()
-        s._barrier.wait()
-        total = torch.stack(s._slots).sum(0)  # type: ignore[arg-type]
-        s._barrier.wait()
-        s.calls += self.rank == 0
-        return t.copy_(total / s.size if op == "avg" else total)
-
-
 def test_data_parallel_equals_one_rank_on_the_global_batch() -> None:
     base = net(bn=False)
     x, y = data(8)
@@ -201,34 +174,26 @@ def test_data_parallel_equals_one_rank_on_the_global_batch() -> None:
     k1 = KFAC(single, cfg)
     train_step(single, k1, 0, [(x, y)])
 
-    comm = ThreadComm(2)
     models = [copy.deepcopy(base) for _ in range(2)]
-    kfacs = [KFAC(m, cfg, comm.rank(r)) for r, m in enumerate(models)]
-    errors: list[Exception] = []
 
-    def rank(r: int) -> None:
-        try:
-            m, k = models[r], kfacs[r]
-            m.zero_grad(set_to_none=True)
-            k.begin_step(0)
-            xs, ys = x[4 * r:4 * r + 4], y[4 * r:4 * r + 4]
-            k.fisher_backward(out := m(xs))
-            F.cross_entropy(out, ys).backward()
-            for p in m.parameters():  # the trainer's data-parallel gradient averaging
-                comm.rank(r).allreduce(p.grad)
-            k.step(0.1)
-        except Exception as exc:  # surfaced below; a failing rank must not hang the other
-            errors.append(exc)
-            comm._barrier.abort()
+    def rank(comm: ThreadComm) -> dict[str, object]:
+        r = comm.rank
+        m, k = models[r], KFAC(models[r], cfg, comm)
+        m.zero_grad(set_to_none=True)
+        k.begin_step(0)
+        xs, ys = x[4 * r:4 * r + 4], y[4 * r:4 * r + 4]
+        k.fisher_backward(out := m(xs))
+        F.cross_entropy(out, ys).backward()
+        for p in m.parameters():  # the trainer's data-parallel gradient averaging
+            comm.allreduce(p.grad)
+        k.step(0.1)
+        return k.state_dict()  # collective: gathers each owner's factors
 
-    threads = [threading.Thread(target=rank, args=(r,)) for r in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors, errors
-    for k in kfacs:
-        assert_factors_close(k, k1)
+    states = ThreadWorld(2).run(rank)
+    for state in states:
+        gathered = KFAC(copy.deepcopy(base), cfg)
+        gathered.load_state_dict(state)
+        assert_factors_close(gathered, k1)
     for m in models:
         for p, q in zip(m.parameters(), single.parameters()):
             torch.testing.assert_close(p.grad, q.grad)

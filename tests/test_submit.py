@@ -63,7 +63,7 @@ def _cases() -> dict[str, list[str]]:
                          "--set", "output.name=rn50"]
     for system in ("slurm-v100", "abci2-v100", "abci3"):
         cases[f"{system}-sweep"] = ["--system", system, "--nodes", "1", "--group", "gxx00000", "--config",
-                                    "configs/smoke.yaml", "--sweep", "configs/sweep_demo.yaml", "--trials", "3"]
+                                    "configs/smoke.yaml", "--sweep", "configs/sweeps/demo_lr.yaml", "--trials", "3"]
     return cases
 
 
@@ -317,13 +317,13 @@ def test_walltime_warning_checkpoints_and_chains_a_follow_up(tmp_path: Path) -> 
 
 def test_sweep_trial_follow_up_keeps_its_index(tmp_path: Path) -> None:
     job, rc, _, log = _run_pbs_script(tmp_path, ["--walltime", "00:00:04", "--sweep",
-                                                 str(REPO / "configs/sweep_demo.yaml"), "--trials", "3"],
+                                                 str(REPO / "configs/sweeps/demo_lr.yaml"), "--trials", "3"],
                                       {"PBS_ARRAY_INDEX": "2"})
     assert rc == REQUEUE_EXIT
     assert _read(log / "qsub") == f"-v SPNGD_TRIAL=2 {job.script_path}\n"
     args = _read(log / "spngd")
     assert f"output.dir=runs/{job.run_name} --set output.name=trial-002" in args
-    sweep = sweep_mod.load_sweep(REPO / "configs/sweep_demo.yaml")
+    sweep = sweep_mod.load_sweep(REPO / "configs/sweeps/demo_lr.yaml")
     assert " ".join(f"--set {o}" for o in sweep_mod.overrides(sweep, 2)) in args
 
 
@@ -382,7 +382,7 @@ def test_distributions(tmp_path: Path) -> None:
 
 def test_trial_overrides_round_trip_through_the_config(tmp_path: Path) -> None:
     """What the script passes with --set is exactly what sweep-report derives."""
-    sweep = sweep_mod.load_sweep(REPO / "configs/sweep_demo.yaml")
+    sweep = sweep_mod.load_sweep(REPO / "configs/sweeps/demo_lr.yaml")
     for i in range(1, 6):
         cfg = config_mod.load(REPO / "configs/smoke.yaml", sweep_mod.overrides(sweep, i))
         for key, value in sweep_mod.sample(sweep, i).items():
@@ -429,7 +429,7 @@ def test_a_trial_that_breaks_a_cross_key_rule_fails_at_submit_time(in_repo: None
 
 
 def _fake_sweep_dir(tmp_path: Path, finals: dict[str, list[tuple[int, float]]]) -> tuple[Path, sweep_mod.Sweep]:
-    sweep = sweep_mod.load_sweep(REPO / "configs/sweep_demo.yaml")
+    sweep = sweep_mod.load_sweep(REPO / "configs/sweeps/demo_lr.yaml")
     sweep_dir = tmp_path / "runs" / "demo-lr-1"
     (sweep_dir / "logs").mkdir(parents=True)
     (sweep_dir / "sweep.yaml").write_text(yaml.safe_dump({**sweep.to_dict(), "trials": 4}))
@@ -559,7 +559,7 @@ def test_slurm_usr1_checkpoint_requeue_resume_same_weights(slurm_cluster: SlurmC
 def test_slurm_array_sweep_and_report(slurm_cluster: SlurmCluster, e2e_dir: Path) -> None:
     t0 = time.monotonic()
     job_id = _spngd(e2e_dir, "submit", "--system", "local-slurm", "--nodes", "1", "--config",
-                    str(REPO / "configs/smoke.yaml"), "--sweep", str(REPO / "configs/sweep_demo.yaml"), "--trials", "3")
+                    str(REPO / "configs/smoke.yaml"), "--sweep", str(REPO / "configs/sweeps/demo_lr.yaml"), "--trials", "3")
     slurm_cluster.wait_gone([job_id], timeout=300)
     (sweep_dir,) = (e2e_dir / "runs").glob("demo-lr-*")
     sweep = sweep_mod.load_sweep(sweep_dir / "sweep.yaml")

@@ -9,7 +9,8 @@ module returned, so later in-place ops do not change what is seen:
   the sampled losses w.r.t. those edges (``retain_graph=True``), so ``.grad`` is never touched and
   no weight gradients are computed.
 
-Hooks do nothing unless ``armed`` and the output requires grad (no-grad validation forwards).
+Hooks do nothing unless ``armed``, the layer is ``due`` (its factors are refreshed this step) and
+the output requires grad (no-grad validation forwards).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ class Capture:
                          for layer in layers]
 
     def _forward_hook(self, layer: Layer, module: nn.Module, inputs: tuple[Any, ...], output: Tensor) -> None:
-        if not (self.armed and output.requires_grad):
+        if not (self.armed and layer.due and output.requires_grad):
             return
         ctx = layer.add_input(inputs[0])
         if self._hooked_backward:

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from app.kfac import inverse as inv
+from app.kfac.exchange import Slot
 from app.kfac.inverse import Retries
 
 
@@ -96,7 +97,9 @@ class Layer(ABC):
 
     ``factors`` is the list of running-average statistics ((A, G) or (F,)) and ``inverse`` what the
     pure functions of ``app.kfac.inverse`` made of them; both are tensors (or small dataclasses of
-    tensors), so a later placement/exchange layer can move, reduce or invert them on any rank.
+    tensors), so ``app.kfac.exchange`` can move, reduce or invert them on any rank. In data
+    parallel runs only the layer's owner holds ``factors`` (and ``previous``, the statistics of the
+    last refresh that adaptive intervals compare against). ``due``: record statistics this step.
     """
 
     def __init__(self, name: str, module: nn.Module, dtype: torch.dtype) -> None:
@@ -104,7 +107,9 @@ class Layer(ABC):
         self.module = module
         self.dtype = dtype
         self.factors: list[Tensor] | None = None
+        self.previous: list[Tensor] | None = None
         self.inverse: Any = None
+        self.due = True
         self.examples = 0  # examples seen by the forward hooks this step
         self._out_sum: Tensor | None = None
 
@@ -117,6 +122,28 @@ class Layer(ABC):
         """Drop this step's sums."""
         self.examples = 0
         self._out_sum = None
+
+    @property
+    @abstractmethod
+    def factor_shapes(self) -> list[tuple[int, ...]]:
+        """Shapes of ``factors``, known without any data (placement, wire layout)."""
+
+    @property
+    def factor_slots(self) -> list[Slot]:
+        """Wire layout of ``factors``: all symmetric."""
+        return [Slot(s, True) for s in self.factor_shapes]
+
+    @abstractmethod
+    def inverse_slots(self, method: str) -> list[Slot]:
+        """Wire layout of ``inverse_tensors()`` for inverse ``method``."""
+
+    @abstractmethod
+    def inverse_tensors(self) -> list[Tensor]:
+        """``inverse`` as tensors laid out by ``inverse_slots``."""
+
+    @abstractmethod
+    def set_inverse_tensors(self, tensors: list[Tensor]) -> None:
+        """Set ``inverse`` from what ``inverse_tensors`` returned on another rank."""
 
     @abstractmethod
     def add_input(self, x: Tensor) -> Any:
@@ -180,6 +207,31 @@ class KronLayer(Layer):
         self._in_sum = None
         self._rows = 0
 
+    @property
+    def factor_shapes(self) -> list[tuple[int, ...]]:
+        w = self.module.weight
+        a = w[0].numel() + (self.module.bias is not None)
+        return [(a, a), (w.shape[0], w.shape[0])]
+
+    def inverse_slots(self, method: str) -> list[Slot]:
+        a, g = self.factor_shapes
+        if method == "cholesky":
+            return [Slot(a, True), Slot(g, True)]
+        return [Slot(a, False), Slot(a[:1], False), Slot(g, False), Slot(g[:1], False), Slot((1,), False)]
+
+    def inverse_tensors(self) -> list[Tensor]:
+        i = self.inverse
+        if isinstance(i, inv.KronCholesky):
+            return [i.A_inv, i.G_inv]
+        return [i.Q_A, i.l_A, i.Q_G, i.l_G, i.Q_A.new_tensor([i.extra])]
+
+    def set_inverse_tensors(self, tensors: list[Tensor]) -> None:
+        if len(tensors) == 2:
+            self.inverse = inv.KronCholesky(*tensors)
+        else:
+            Q_A, l_A, Q_G, l_G, extra = tensors
+            self.inverse = inv.KronEigen(Q_A, l_A, Q_G, l_G, float(extra))
+
     def add_input(self, x: Tensor) -> None:
         with _stats_mode(x.device):
             rows = input_rows(self.module, x)
@@ -224,6 +276,19 @@ class UnitLayer(Layer):
     """BatchNorm2d: one damped 2x2 Fisher block per channel over (gamma_c, beta_c)."""
 
     module: nn.BatchNorm2d
+
+    @property
+    def factor_shapes(self) -> list[tuple[int, ...]]:
+        return [(self.module.num_features, 2, 2)]
+
+    def inverse_slots(self, method: str) -> list[Slot]:
+        return self.factor_slots  # closed-form 2x2 inverses, symmetric, whatever the method
+
+    def inverse_tensors(self) -> list[Tensor]:
+        return [self.inverse]
+
+    def set_inverse_tensors(self, tensors: list[Tensor]) -> None:
+        (self.inverse,) = tensors
 
     def add_input(self, x: Tensor) -> tuple[Tensor, int, Tensor, Tensor]:
         bn = self.module

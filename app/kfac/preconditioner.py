@@ -1,26 +1,27 @@
-"""The K-FAC / SP-NGD preconditioner: when to refresh what, and in which order, for one step."""
+"""The K-FAC / SP-NGD preconditioner: when to refresh what, on which rank, in which order, for one step."""
 
 from __future__ import annotations
 
+import functools
 import logging
-from typing import Any, Protocol
+import math
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from app.comm.base import Comm, Handle
 from app.config import KFACConfig
 from app.kfac.capture import Capture
+from app.kfac.exchange import FactorExchange, gather_objects, pack, packed_numel, unpack
 from app.kfac.factors import Layer, find_layers
 from app.kfac.fisher import sampled_losses
+from app.kfac.intervals import Clock, LayerTrace, diff
 from app.kfac.inverse import Retries
+from app.kfac.placement import Placement, imbalance, layer_cost, loads
 
 log = logging.getLogger(__name__)
-
-
-class AllReduce(Protocol):
-    """The part of ``app.comm.Comm`` K-FAC uses: an in-place allreduce."""
-
-    def allreduce(self, t: Tensor, op: str = "avg", name: str = "") -> Any: ...
 
 
 class KFAC:
@@ -36,40 +37,63 @@ class KFAC:
     * **Weight decay** is not part of the Fisher: K-FAC preconditions the loss gradient only and the
       optimiser adds weight decay to the preconditioned gradient afterwards (decoupled), so
       ``w -= lr * (F^-1 grad + wd * w)``. KL clipping measures the preconditioned loss gradient only.
-    * **Data parallel.** With ``comm``, each step's factors are averaged over the ranks before they
-      enter the running average, and every rank inverts every factor.
-    * **Intervals.** Factors are captured on steps that are multiples of ``factor_interval``,
-      inverses refreshed on multiples of ``inverse_interval``, and both whenever a layer has none
-      yet (so the first step does both); every step is preconditioned with the latest inverses.
+    * **When** (``app.kfac.intervals``): each layer refreshes its factors every ``interval`` steps,
+      fixed or adaptive (Algorithm 1); every step is preconditioned with the latest inverses.
+    * **Data parallel** (``comm``): every layer has one owner rank (``app.kfac.placement``). A step
+      runs: (1) the due layers' packed factors are reduce-scattered (averaged) to their owners in
+      owner-ordered buckets (``app.kfac.exchange``), launched when ``step`` starts, i.e. after
+      backward and the gradient averaging, since with gradient accumulation the statistics are
+      final only then; (2) while they travel, every layer whose inverse stays as it is gets
+      preconditioned; (3) as each bucket lands, its owner folds the factors into the running
+      average, computes Diff and inverts; (4) one small allreduce shares the owners' Diffs,
+      non-finite flags and retry counts, so intervals and counters agree on every rank;
+      (5) ``share=inverses``: the refreshed inverses are allgathered and every rank preconditions
+      the rest; ``share=gradients``: owners precondition their layers and the results are
+      allgathered, every step. Only owners hold the running factors; ``state_dict`` gathers them.
     * **Failures.** A layer whose new factors contain NaN/Inf keeps its previous factors and
       inverse for the step (plain gradient if it has none), counted in ``kfac_nan_skips`` and logged
-      once per layer. Cholesky failures retry in float64, then with 10x damping, counted.
+      once per layer by its owner. Cholesky failures retry in float64, then with 10x damping, counted.
     """
 
-    def __init__(self, model: nn.Module, cfg: KFACConfig, comm: AllReduce | None = None) -> None:
+    def __init__(self, model: nn.Module, cfg: KFACConfig, comm: Comm | None = None) -> None:
         self.cfg = cfg
         self.comm = comm
         self.layers: dict[str, Layer] = find_layers(model, cfg.skip, cfg.batchnorm)
-        self._capture = Capture(self.layers.values(), hooked_backward=cfg.fisher == "emp")
+        self._layers = list(self.layers.values())
+        self._rank, self._size = (comm.rank, comm.size) if comm is not None else (0, 1)
+        self.clock = Clock(len(self._layers), cfg)
+        self.placement = Placement(self._costs(), self._size, cfg.max_rebalances)
+        self._wire = torch.bfloat16 if cfg.wire_dtype == "bfloat16" else None
+        self._dtype = functools.reduce(torch.promote_types, (layer.dtype for layer in self._layers), torch.float32)
+        self._device = comm.device if comm is not None else torch.device("cpu")
+        self._capture = Capture(self._layers, hooked_backward=cfg.fisher == "emp")
         self._step: int | None = None
-        self._factors_due = False
-        self._inverse_due = False
+        self._due: list[bool] = []
         self._counters = {"kfac_layers": 0, "kfac_factor_updates": 0, "kfac_inverse_updates": 0,
-                          "kfac_nan_skips": 0, "kfac_fp64_retries": 0, "kfac_damping_retries": 0}
+                          "kfac_nan_skips": 0, "kfac_fp64_retries": 0, "kfac_damping_retries": 0,
+                          "kfac_due_layers": 0, "kfac_bytes_step": 0, "kfac_bytes_total": 0,
+                          "kfac_share_bytes_total": 0, "kfac_rebalances": 0}
         self._kl_scale: Tensor | float = 1.0
         self._warned: set[str] = set()
+        self._trace: LayerTrace | None = None
+
+    def _costs(self) -> list[float]:
+        precondition = self.cfg.share == "gradients"
+        return [layer_cost(layer.factor_shapes, k, precondition) for layer, k in zip(self._layers, self.clock.intervals)]
+
+    def _mine(self, i: int) -> bool:
+        return self.placement.owners[i] == self._rank
 
     # -- the step ------------------------------------------------------------------------------
     def begin_step(self, step: int) -> None:
-        """Decide what is due at ``step`` and arm the hooks when factors are."""
-        missing = any(layer.factors is None for layer in self.layers.values())
+        """Decide which layers are due at ``step`` and arm their hooks."""
         self._step = step
-        self._factors_due = step % self.cfg.factor_interval == 0 or missing
-        self._inverse_due = step % self.cfg.inverse_interval == 0
-        for layer in self.layers.values():
+        self._due = self.clock.factors_due(step)
+        for layer, due in zip(self._layers, self._due):
             layer.reset()
+            layer.due = due
         self._capture.clear()
-        self._capture.armed = self._factors_due
+        self._capture.armed = any(self._due)
 
     def fisher_backward(self, out: Tensor) -> None:
         """mc/exact: backward the sampled losses into G only (``.grad`` untouched); emp: no-op."""
@@ -77,120 +101,300 @@ class KFAC:
             self._capture.backward(sampled_losses(out, self.cfg.fisher))
 
     def step(self, lr: float, loss_scale: float = 1.0) -> None:
-        """Update factors and inverses when due, then write preconditioned gradients into ``.grad``.
+        """Refresh due factors and inverses, then write preconditioned gradients into ``.grad``.
 
         ``loss_scale``: the factor the loss was multiplied by before ``backward`` (fp16
-        ``GradScaler.get_scale()``); it is divided out of the emp G. ``.grad`` must already be unscaled.
+        ``GradScaler.get_scale()``); it is divided out of the emp G. ``.grad`` must already be
+        unscaled and averaged over the ranks. Collective with a communicator.
         """
         if self._step is None:
             raise RuntimeError("K-FAC: step() called without begin_step()")
         self._capture.armed = False
         self._capture.clear()
-        if self._factors_due:
-            self._update_factors(loss_scale)
-            self._counters["kfac_factor_updates"] += 1
-        retries = Retries()
-        inverted = False
-        for layer in self.layers.values():
-            if layer.factors is not None and (self._inverse_due or layer.inverse is None):
-                retries += layer.invert(self.cfg.damping, self.cfg.inverse, self.cfg.eigen_damping)
-                inverted = True
-        self._counters["kfac_inverse_updates"] += inverted
-        self._counters["kfac_fp64_retries"] += retries.fp64
-        self._counters["kfac_damping_retries"] += retries.damping
-        self._precondition(lr)
-        for layer in self.layers.values():
+        step, due = self._step, self._due
+        inverse_due = self.clock.inverse_due(step, due)
+        owners = self.placement.owners
+        exchange = FactorExchange(
+            self.comm, [(i, owners[i], layer.step_factors(self._g_scale(layer, loss_scale)), layer.factor_slots)
+                        for i, layer in enumerate(self._layers) if due[i]],
+            int(self.cfg.bucket_mb * 2 ** 20), self._wire)
+        grads = self._grads()
+        updates = {i: self._layers[i].precondition(grads[i]) for i in grads  # overlaps the exchange
+                   if self._computes(i) and self.clock.has_inverse[i] and not inverse_due[i]}
+        report = self._refresh(exchange, inverse_due)
+        busy = any(due) or any(inverse_due)
+        decisions = (self.comm.allreduce_async(report, op="sum", name="kfac.decisions")
+                     if self.comm is not None and busy else None)
+        shared = self._launch_share(inverse_due, grads, updates)
+        outcome = (decisions.wait() if decisions is not None else report).tolist()
+        n = len(self._layers)
+        finite = [flag == 0 for flag in outcome[n:2 * n]]
+        changed = self.clock.update(step, due, outcome[:n], finite)
+        self._count(due, inverse_due, outcome, exchange.bytes)
+        if shared is not None:
+            self._finish_share(shared.wait(), inverse_due, grads, updates)
+        for i in grads:
+            if i not in updates and self._computes(i) and self.clock.has_inverse[i]:
+                updates[i] = self._layers[i].precondition(grads[i])
+        self._apply(lr, grads, updates)
+        if self._trace is not None:
+            self._trace.write(step, [(self._layers[i].name, owners[i], self.clock.intervals[i],
+                                      outcome[i] if self.clock.adaptive and not math.isnan(outcome[i]) else None)
+                                     for i in range(n) if due[i] and finite[i]])
+        if changed:
+            self._rebalance()
+        for layer in self._layers:
             layer.reset()
         self._step = None
 
-    def _update_factors(self, loss_scale: float) -> None:
-        layers = list(self.layers.values())
-        new = [layer.step_factors(self._g_scale(layer, loss_scale)) for layer in layers]
-        if self.comm is not None:
-            _allreduce_avg(self.comm, [t for ts in new for t in ts])
-        finite = torch.stack([torch.stack([torch.isfinite(t).all() for t in ts]).all() for ts in new]).tolist()
-        for layer, ts, ok in zip(layers, new, finite):
-            if ok:
-                layer.fold(ts, self.cfg.stat_decay)
+    def _grads(self) -> dict[int, list[Tensor]]:
+        """``.grad`` of the layers whose parameters all have one (alike on every rank after averaging)."""
+        out = {}
+        for i, layer in enumerate(self._layers):
+            grads = [p.grad for p in layer.params if p.grad is not None]
+            if len(grads) == len(layer.params):
+                out[i] = grads
+        return out
+
+    def _computes(self, i: int) -> bool:
+        """Whether this rank preconditions layer i itself (else it receives the result)."""
+        return self.cfg.share == "inverses" or self._mine(i)
+
+    def _refresh(self, exchange: FactorExchange, inverse_due: list[bool]) -> Tensor:
+        """Owner work as buckets land: finite check, Diff, running average, inversion.
+
+        Returns this rank's share of the step's decisions, summed over the ranks afterwards:
+        ``[Diff per layer (NaN: none computed), non-finite flag per layer, fp64 retries,
+        damping retries]``, zero for layers it does not own.
+        """
+        n = len(self._layers)
+        report = torch.zeros(2 * n + 2, dtype=torch.float64, device=self._device)
+        retries = Retries()
+        inverted = set()
+        for bucket in exchange.results():
+            finite = torch.stack([torch.stack([torch.isfinite(t).all() for t in ts]).all()
+                                  for _, ts in bucket]).tolist() if bucket else []
+            for (i, new), ok in zip(bucket, finite):
+                layer = self._layers[i]
+                if not ok:
+                    report[n + i] = 1
+                    self._warn_nonfinite(layer)
+                else:
+                    if self.clock.adaptive:
+                        report[i] = (torch.stack([diff(x, p) for x, p in zip(new, layer.previous)]).max().to(report)
+                                     if layer.previous is not None else math.nan)
+                        layer.previous = new
+                    layer.fold(new, self.cfg.stat_decay)
+                if inverse_due[i] and layer.factors is not None:
+                    retries += layer.invert(self.cfg.damping, self.cfg.inverse, self.cfg.eigen_damping)
+                    inverted.add(i)
+        for i, layer in enumerate(self._layers):  # due for an inverse without new factors
+            if self._mine(i) and inverse_due[i] and i not in inverted and layer.factors is not None:
+                retries += layer.invert(self.cfg.damping, self.cfg.inverse, self.cfg.eigen_damping)
+        report[2 * n] = retries.fp64
+        report[2 * n + 1] = retries.damping
+        return report
+
+    def _warn_nonfinite(self, layer: Layer) -> None:
+        if layer.name not in self._warned:
+            self._warned.add(layer.name)
+            log.warning("K-FAC: non-finite factors in layer %s at step %s; its factor update is skipped "
+                        "(counted in kfac_nan_skips, logged once per layer)", layer.name, self._step)
+
+    def _launch_share(self, inverse_due: list[bool], grads: dict[int, list[Tensor]],
+                      updates: dict[int, list[Tensor]]) -> Handle[list[Tensor]] | None:
+        """Start allgathering this rank's refreshed inverses or preconditioned gradients."""
+        if self.comm is None:
+            return None
+        parts: list[Tensor] = []
+        if self.cfg.share == "inverses":
+            if not any(inverse_due):
+                return None
+            for i, layer in enumerate(self._layers):
+                if self._mine(i) and inverse_due[i]:
+                    slots = layer.inverse_slots(self.cfg.inverse)
+                    if layer.factors is None:
+                        parts.append(torch.zeros(packed_numel(slots), dtype=self._dtype, device=self._device))
+                        continue
+                    parts.append(pack(layer.inverse_tensors(), slots, self._dtype))
+                    # the owner applies what the others unpack: same values and memory layout, so the
+                    # replicas' updates agree bitwise (LAPACK's results are column-major)
+                    layer.set_inverse_tensors(unpack(parts[-1], slots, layer.dtype))
+            name = "kfac.inverses"
+        else:
+            for i in grads:
+                if self._mine(i) and self._layers[i].inverse is not None:
+                    if i not in updates:
+                        updates[i] = self._layers[i].precondition(grads[i])
+                    parts += [u.reshape(-1).to(self._dtype) for u in updates[i]]
+            name = "kfac.gradients"
+        payload = torch.cat(parts) if parts else torch.empty(0, dtype=self._dtype, device=self._device)
+        self._counters["kfac_share_bytes_total"] += payload.numel() * payload.element_size()
+        return self.comm.allgather_async(payload, name=name)
+
+    def _finish_share(self, parts: list[Tensor], inverse_due: list[bool], grads: dict[int, list[Tensor]],
+                      updates: dict[int, list[Tensor]]) -> None:
+        """Take the other owners' inverses or preconditioned gradients out of the allgather."""
+        owners = self.placement.owners
+        for r, part in enumerate(parts):
+            if r == self._rank:
                 continue
-            self._counters["kfac_nan_skips"] += 1
-            if layer.name not in self._warned:
-                self._warned.add(layer.name)
-                log.warning("K-FAC: non-finite factors in layer %s at step %s; its factor update is skipped "
-                            "(counted in kfac_nan_skips, logged once per layer)", layer.name, self._step)
+            if self.cfg.share == "inverses":
+                index = [i for i in range(len(self._layers)) if owners[i] == r and inverse_due[i]]
+                slots = [self._layers[i].inverse_slots(self.cfg.inverse) for i in index]
+                for i, s, chunk in zip(index, slots, part.split([packed_numel(s) for s in slots])):
+                    if self.clock.has_inverse[i]:
+                        self._layers[i].set_inverse_tensors(unpack(chunk, s, self._layers[i].dtype))
+            else:
+                index = [i for i in grads if owners[i] == r and self.clock.has_inverse[i]]
+                chunks = part.split([sum(g.numel() for g in grads[i]) for i in index])
+                for i, chunk in zip(index, chunks):
+                    updates[i] = [c.view_as(g) for c, g in zip(chunk.split([g.numel() for g in grads[i]]), grads[i])]
+
+    def _count(self, due: list[bool], inverse_due: list[bool], outcome: list[float], sent: int) -> None:
+        n = len(self._layers)
+        c = self._counters
+        c["kfac_factor_updates"] += any(due)
+        c["kfac_inverse_updates"] += any(d and has for d, has in zip(inverse_due, self.clock.has_inverse))
+        c["kfac_nan_skips"] += round(sum(outcome[n:2 * n]))
+        c["kfac_fp64_retries"] += round(outcome[2 * n])
+        c["kfac_damping_retries"] += round(outcome[2 * n + 1])
+        c["kfac_due_layers"] = sum(due)
+        c["kfac_bytes_step"] = sent
+        c["kfac_bytes_total"] += sent
 
     def _g_scale(self, layer: Layer, loss_scale: float) -> float:
         """Turns the captured output-gradient sums into G (see ``app.kfac.factors``)."""
         n = max(layer.examples, 1)
         return n / loss_scale ** 2 if self.cfg.fisher == "emp" else 1.0 / n
 
-    def _precondition(self, lr: float) -> None:
-        grads: list[Tensor] = []  # .grad of the preconditioned parameters
-        updates: list[Tensor] = []
-        count = 0
-        for layer in self.layers.values():
-            layer_grads = [p.grad for p in layer.params if p.grad is not None]
-            if layer.inverse is None or len(layer_grads) < len(layer.params):
-                continue
-            grads += layer_grads
-            updates += layer.precondition(layer_grads)
-            count += 1
-        self._counters["kfac_layers"] = count
-        if not updates:
+    def _apply(self, lr: float, grads: dict[int, list[Tensor]], updates: dict[int, list[Tensor]]) -> None:
+        """KL-clip the preconditioned gradients (layer order, so every rank agrees) into ``.grad``."""
+        order = [i for i in grads if i in updates]
+        self._counters["kfac_layers"] = len(order)
+        if not order:
             return
+        pairs = [(g, u) for i in order for g, u in zip(grads[i], updates[i])]
         scale: Tensor | float = 1.0
         if self.cfg.kl_clip > 0:
-            vg = torch.stack([(u * g.to(u.dtype)).sum() for g, u in zip(grads, updates)]).sum()
+            vg = torch.stack([(u * g.to(u.dtype)).sum() for g, u in pairs]).sum()
             bound = torch.sqrt(self.cfg.kl_clip / (lr ** 2 * vg.clamp(min=torch.finfo(vg.dtype).tiny)))
             scale = bound.clamp(max=1.0)
         self._kl_scale = scale
-        for g, u in zip(grads, updates):
+        for g, u in pairs:
             g.copy_(u * scale)
 
+    # -- placement -----------------------------------------------------------------------------
+    def _rebalance(self) -> None:
+        """Re-place the layers when the new intervals unbalance the owners (``Placement.update``)."""
+        old = self.placement.update(self._costs())
+        if old is None:
+            return
+        assert self.comm is not None  # one rank never re-places
+        new = self.placement.owners
+        with_inverse = self.cfg.share == "gradients"  # with share=inverses every rank has them
+        outgoing = {i: _export(self._layers[i], with_inverse)
+                    for i in range(len(self._layers)) if old[i] == self._rank != new[i]}
+        for i in outgoing:
+            _drop(self._layers[i], with_inverse)
+        for part in gather_objects(self.comm, outgoing, name="kfac.rebalance"):
+            for i, entry in part.items():
+                if new[i] == self._rank:
+                    _import(self._layers[i], entry, with_inverse)
+        self._counters["kfac_rebalances"] = self.placement.rebalances
+
     # -- bookkeeping ---------------------------------------------------------------------------
+    def trace_layers(self, path: Path) -> None:
+        """Append one CSV row per layer refresh to ``path`` (call on one rank; see ``LayerTrace``)."""
+        self._trace = LayerTrace(path)
+
     @property
     def stats(self) -> dict[str, float]:
-        """Counters for logging; the keys are fixed from construction on."""
-        return {**self._counters, "kfac_kl_scale": float(self._kl_scale)}
+        """Counters and interval/placement summaries for logging; the keys are fixed from construction on.
+
+        ``kfac_bytes_step``/``_total``: factor bytes this rank handed to the reduce-scatter (last
+        step / run); ``kfac_share_bytes_total``: inverse or gradient allgather bytes; ``kfac_diff_max``:
+        the largest latest Diff over the layers (0 before any); ``kfac_owner_imbalance``: max/mean
+        of the owners' expected cost.
+        """
+        intervals = self.clock.intervals or [0]
+        return {**self._counters, "kfac_kl_scale": float(self._kl_scale),
+                "kfac_interval_mean": sum(intervals) / len(intervals), "kfac_interval_max": max(intervals),
+                "kfac_diff_max": self.clock.diff_max,
+                "kfac_owner_imbalance": imbalance(loads(self._costs(), self.placement.owners, self._size))}
 
     def state_dict(self) -> dict[str, Any]:
-        """Factors, inverses (so a resumed run between inverse refreshes is exact) and counters."""
+        """The whole state, placement-independent: factors, previous factors and inverses of every
+        layer (so a resumed run between inverse refreshes is exact), intervals, owners, counters.
+
+        Collective with a communicator: every rank must call it, and every rank gets the whole
+        state (the owners' layers are allgathered, on the CPU).
+        """
+        owned = {layer.name: _export(layer, with_inverse=True)
+                 for i, layer in enumerate(self._layers) if self._mine(i)}
+        if self.comm is not None:
+            for part in gather_objects(self.comm, owned, name="kfac.checkpoint"):
+                owned.update(part)
         return {
             "counters": dict(self._counters),
             "kl_scale": float(self._kl_scale),
             "inverse_method": [self.cfg.inverse, self.cfg.eigen_damping, self.cfg.damping],
-            "layers": {name: {"factors": layer.factors,
-                              "inverse": None if layer.inverse is None else layer.inverse_state()}
-                       for name, layer in self.layers.items()},
+            "clock": self.clock.state_dict(),
+            "owners": list(self.placement.owners),
+            "ranks": self._size,
+            "layers": {name: owned[name] for name in self.layers},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore ``state_dict()``; inverses made with another method/damping are recomputed."""
+        """Restore ``state_dict()``, on any number of ranks; inverses made with another
+        method/damping are recomputed. The owners are kept when the rank count is the same."""
         saved, ours = set(state["layers"]), set(self.layers)
         if saved != ours:
             raise ValueError(f"K-FAC: checkpoint layers differ from the model's (only in checkpoint: "
                              f"{sorted(saved - ours)}, only in model: {sorted(ours - saved)}); "
                              f"was kfac.skip or kfac.batchnorm changed?")
         same_method = list(state["inverse_method"]) == [self.cfg.inverse, self.cfg.eigen_damping, self.cfg.damping]
-        for name, layer in self.layers.items():
-            entry = state["layers"][name]
-            device = layer.params[0].device
-            layer.factors = (None if entry["factors"] is None
-                             else [t.to(device=device, dtype=layer.dtype) for t in entry["factors"]])
-            layer.inverse = None
-            if same_method and entry["inverse"] is not None:
-                layer.load_inverse_state(entry["inverse"])
+        entries = [state["layers"][layer.name] for layer in self._layers]
+        has_inverse = [same_method and e["inverse"] is not None for e in entries]
+        self.clock.load_state_dict(state["clock"], [e["factors"] is not None for e in entries], has_inverse)
         self._counters.update(state["counters"])
         self._kl_scale = state["kl_scale"]
+        self.placement = Placement(self._costs(), self._size, self.cfg.max_rebalances)
+        self.placement.rebalances = self._counters["kfac_rebalances"]
+        if state["ranks"] == self._size:
+            self.placement.owners = list(state["owners"])
+        for i, (layer, entry) in enumerate(zip(self._layers, entries)):
+            _drop(layer, with_inverse=True)
+            if self._mine(i):
+                _import(layer, entry, with_inverse=has_inverse[i])
+            elif has_inverse[i] and self.cfg.share == "inverses":
+                layer.load_inverse_state(entry["inverse"])
 
     def close(self) -> None:
         """Remove the hooks from the model."""
         self._capture.remove()
 
 
-def _allreduce_avg(comm: AllReduce, tensors: list[Tensor]) -> None:
-    """Average ``tensors`` in place over the ranks with one collective."""
-    flat = torch.cat([t.reshape(-1) for t in tensors])
-    comm.allreduce(flat, op="avg", name="kfac.factors")
-    for t, chunk in zip(tensors, flat.split([t.numel() for t in tensors])):
-        t.copy_(chunk.view_as(t))
+def _export(layer: Layer, with_inverse: bool) -> dict[str, Any]:
+    """What a layer's owner holds, for a checkpoint or a new owner."""
+    return {"factors": layer.factors, "previous": layer.previous,
+            "inverse": layer.inverse_state() if with_inverse and layer.inverse is not None else None}
+
+
+def _import(layer: Layer, entry: dict[str, Any], with_inverse: bool) -> None:
+    device = layer.params[0].device
+    layer.factors = _to(entry["factors"], device, layer.dtype)
+    layer.previous = _to(entry.get("previous"), device, layer.dtype)  # absent: no adaptive state
+    if with_inverse and entry["inverse"] is not None:
+        layer.load_inverse_state(entry["inverse"])
+
+
+def _to(tensors: list[Tensor] | None, device: torch.device, dtype: torch.dtype) -> list[Tensor] | None:
+    """Copies: the running average is updated in place and must not alias the caller's checkpoint."""
+    return None if tensors is None else [t.to(device=device, dtype=dtype, copy=True) for t in tensors]
+
+
+def _drop(layer: Layer, with_inverse: bool) -> None:
+    layer.factors = layer.previous = None
+    if with_inverse:
+        layer.inverse = None
