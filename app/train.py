@@ -61,14 +61,14 @@ def make_run_dir(cfg: Config, comm: Comm) -> Path:
     return run_dir
 
 
-def _autocast(cfg: Config, device: torch.device) -> Any:
+def autocast_for(cfg: Config, device: torch.device) -> Any:
     if cfg.train.precision == "fp32":
         return nullcontext()
     dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float16
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def _loss_precision(out: torch.Tensor) -> torch.Tensor:
+def loss_precision(out: torch.Tensor) -> torch.Tensor:
     """Logits in at least float32 for the loss (autocast may give bf16/fp16; float64 stays)."""
     return out.to(torch.promote_types(out.dtype, torch.float32))
 
@@ -186,9 +186,9 @@ class Trainer:
                 x = x.contiguous(memory_format=torch.channels_last)
             last = i == len(group) - 1
             with self.averager.sync(last):
-                with _autocast(self.cfg, self.device):
+                with autocast_for(self.cfg, self.device):
                     out = self.model(x)
-                    loss = self.criterion(_loss_precision(out), y) / self.accum
+                    loss = self.criterion(loss_precision(out), y) / self.accum
                 if self.kfac is not None:
                     self.kfac.fisher_backward(out)
                 self.scaler.scale(loss).backward()
@@ -207,12 +207,12 @@ class Trainer:
         """(loss, top-1, top-5) over the whole validation set, each image counted once."""
         self.model.eval()
         totals = torch.zeros(4, device=self.device, dtype=torch.float64)
-        with torch.no_grad(), _autocast(self.cfg, self.device):
+        with torch.no_grad(), autocast_for(self.cfg, self.device):
             for x, y in self.val_loader.epoch(0):
                 x = x.to(self.dtype)
                 if self.cfg.model.channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
-                out = _loss_precision(self.model(x))
+                out = loss_precision(self.model(x))
                 loss = nn.functional.cross_entropy(out, y, ignore_index=-1, reduction="sum")
                 top1, top5, n = _accuracy_counts(out, y)
                 totals += torch.stack([loss.double(), top1.double(), top5.double(), n.double()])

@@ -1,0 +1,466 @@
+"""``spngd bench``: time SGD and K-FAC training steps on synthetic data, one process, one device.
+
+Every case of the cross product (model x batch x precision x layout x optimiser x intervals) is
+built the way ``app.train`` builds a run (``build_loaders`` with the synthetic backend,
+``build_model``, ``build_optimizer``, ``KFAC``) and stepped through the same public calls
+(``begin_step``, forward, ``fisher_backward``, backward, ``step(lr)``, ``optimizer.step()``), at a
+tiny learning rate by default (``BENCH_LR``) so that the repeated random batch never diverges.
+
+**Headline ms/step.** ``--warmup`` steps, then ``timed`` steps back to back with one device
+synchronisation before and one after: no per-phase synchronisation perturbs the number. For K-FAC
+``timed`` is ``--steps`` rounded up to a multiple of the inverse interval, so the window holds
+exactly ``timed / factor_interval`` factor updates and ``timed / inverse_interval`` inversions
+(the same mix as a long run).
+
+**Phases** come from a separate instrumented pass on the same model that synchronises the device
+at every phase boundary. ``KFAC.step`` does factors, inversion and preconditioning in one call, so
+they are separated from the outside: a probe ``KFAC`` with intervals 2/4 runs a cycle of steps that
+refresh factors and inverses (step % 4 == 0), factors only (step % 4 == 2) and neither (odd steps),
+and differences give each phase's cost per occurrence::
+
+    forward_backward = fwd+bwd of a step without factors
+    factor_stats     = (fwd+bwd with capture hooks - forward_backward) + (step(F) - step(none))
+    inversion        = step(F+I) - step(F)
+    preconditioning  = step(none)
+    optimizer        = optimizer.step() + zero_grad()
+
+``factor_stats`` and ``inversion`` are then divided by the case's intervals (ms per step,
+amortised), so the phases add up to the headline ms/step up to synchronisation overhead and noise;
+a difference below zero (noise) counts as 0.
+
+**Peak memory** of the headline pass: on CUDA ``torch.cuda.max_memory_allocated`` (reset before
+each case). On CPU the process's peak RSS (Linux ``VmHWM``, reset through ``/proc/self/clear_refs``)
+minus its RSS once the case is freed again (after ``gc`` and ``malloc_trim``): model, optimiser and
+K-FAC state, batch and activations, without the library caches and thread pools the process keeps
+for good (the first case would otherwise carry ~100 MB of them). Approximate; ``null`` without ``/proc``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import dataclasses
+import gc
+import itertools
+import json
+import math
+import os
+import platform
+import shlex
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from statistics import fmean
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from app import config as config_mod
+from app import launch
+from app.cli import UserError
+from app.config import Config, ModelConfig, TrainConfig
+from app.data import build_loaders
+from app.kfac import KFAC
+from app.models import build_model
+from app.optim import build_criterion, build_optimizer
+from app.train import autocast_for, loss_precision
+
+PHASES = ("forward_backward", "factor_stats", "inversion", "preconditioning", "optimizer")
+OPTIMS = ("sgd", "kfac")
+PROBE_FACTOR_INTERVAL, PROBE_INVERSE_INTERVAL = 2, 4
+BENCH_LR = 1e-5
+"""The default ``optim.lr`` (``--set`` changes it): timing does not depend on it, but training one
+repeated random batch at a real lr diverges within a few K-FAC steps and then times NaN paths."""
+MAX_PROBE_CYCLES = 4  # instrumented 4-step cycles per case: enough to average, cheap next to --steps
+
+Lap = Callable[[str], None]
+
+
+def _no_lap(name: str) -> None:
+    """The headline pass: phase boundaries cost nothing."""
+
+
+@dataclass(frozen=True)
+class Case:
+    """One configuration of the cross product; the intervals are None for SGD."""
+
+    model: str
+    batch: int
+    precision: str
+    channels_last: bool
+    optim: str
+    factor_interval: int | None = None
+    inverse_interval: int | None = None
+
+    @property
+    def label(self) -> str:
+        intervals = f" {self.factor_interval}/{self.inverse_interval}" if self.optim == "kfac" else ""
+        return (f"{self.model} batch={self.batch} {self.precision} {'NHWC' if self.channels_last else 'NCHW'} "
+                f"{self.optim}{intervals}")
+
+    @property
+    def group(self) -> tuple[str, int, str, bool]:
+        """Cases sharing this key are compared with one SGD row."""
+        return self.model, self.batch, self.precision, self.channels_last
+
+    def overrides(self, image_size: int, classes: int) -> list[str]:
+        """``--set`` overrides that turn a base configuration into this case."""
+        out = [f"model.arch={self.model}", "data.backend=synthetic", f"data.image_size={image_size}",
+               f"data.val_resize={image_size}", f"data.batch_size={self.batch}",
+               f"data.synthetic_samples={self.batch}", f"data.synthetic_classes={classes}",
+               f"train.precision={self.precision}", f"model.channels_last={self.channels_last}",
+               f"optim.preconditioner={'kfac' if self.optim == 'kfac' else 'none'}"]
+        if self.optim == "kfac":
+            out += [f"kfac.factor_interval={self.factor_interval}", f"kfac.inverse_interval={self.inverse_interval}"]
+        return out
+
+
+# -- command line ------------------------------------------------------------------------------
+def _items(flag: str, text: str) -> list[str]:
+    items = [s.strip() for s in text.split(",")]
+    if not all(items):
+        raise UserError(f"bench: {flag} {text!r} has an empty item")
+    return list(dict.fromkeys(items))
+
+
+def _ints(flag: str, text: str) -> list[int]:
+    out: list[int] = []
+    for item in _items(flag, text):
+        try:
+            value = int(item)
+        except ValueError:
+            value = 0
+        if value < 1:
+            raise UserError(f"bench: {flag} {text!r}: {item!r} is not a positive integer")
+        out.append(value)
+    return out
+
+
+def _choices(flag: str, text: str, allowed: Sequence[str]) -> list[str]:
+    items = _items(flag, text)
+    for item in items:
+        if item not in allowed:
+            raise UserError(f"bench: {flag} {text!r}: {item!r} is not one of {', '.join(allowed)}")
+    return items
+
+
+def _config_choices(section: type, key: str) -> tuple[str, ...]:
+    """The values ``app.config`` allows for a key, so bench accepts exactly what training does."""
+    return next(f.metadata["choices"] for f in dataclasses.fields(section) if f.name == key)
+
+
+def plan(args: argparse.Namespace) -> list[tuple[Case, Config]]:
+    """The cases of the ``spngd bench`` options (comma-separated lists, see ``app.cli``), each with its
+    validated configuration. Every input error surfaces here, before any work. Within a group the SGD
+    case comes first, so each K-FAC row's ratio is known as soon as the row is."""
+    if args.steps < 1 or args.warmup < 0:
+        raise UserError(f"bench: need --steps >= 1 and --warmup >= 0 (got {args.steps}, {args.warmup})")
+    models = _choices("--model", args.model, _config_choices(ModelConfig, "arch"))
+    batches = _ints("--batch", args.batch)
+    precisions = _choices("--precision", args.precision, _config_choices(TrainConfig, "precision"))
+    layouts = [v == "on" for v in _choices("--channels-last", args.channels_last, ("on", "off"))]
+    optims = sorted(_choices("--optim", args.optim, OPTIMS), key=OPTIMS.index)
+    factor = _ints("--factor-interval", args.factor_interval)
+    inverse = _ints("--inverse-interval", args.inverse_interval)
+    intervals = [(f, i) for f in factor for i in inverse if i % f == 0]
+    if "kfac" in optims and not intervals:
+        raise UserError(f"bench: no --inverse-interval ({args.inverse_interval}) is a multiple of a "
+                        f"--factor-interval ({args.factor_interval})")
+    cases: list[Case] = []
+    for group in itertools.product(models, batches, precisions, layouts):
+        if "sgd" in optims:
+            cases.append(Case(*group, "sgd"))
+        if "kfac" in optims:
+            cases += [Case(*group, "kfac", f, i) for f, i in intervals]
+    base = [f"optim.lr={BENCH_LR}", *args.overrides]
+    planned = [(c, config_mod.load(args.config, [*base, *c.overrides(args.image_size, args.classes)])) for c in cases]
+    if any(cfg.kfac.adaptive_lambda > 0 for c, cfg in planned if c.optim == "kfac"):
+        raise UserError("bench: kfac.adaptive_lambda > 0 is not supported (its per-layer intervals cannot be "
+                        "amortised into phases); time fixed --factor-interval/--inverse-interval instead")
+    return planned
+
+
+# -- one case ----------------------------------------------------------------------------------
+@dataclass
+class _Run:
+    """One case's model, optimiser, K-FAC and synthetic batch on the device."""
+
+    cfg: Config
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    criterion: nn.Module
+    scaler: torch.amp.GradScaler
+    kfac: KFAC | None
+    x: Tensor
+    y: Tensor
+    device: torch.device
+
+    @classmethod
+    def build(cls, cfg: Config, device: torch.device) -> _Run:
+        """Built as ``app.train.Trainer`` builds a single-process run (same seed, same builders)."""
+        torch.manual_seed(cfg.train.seed)
+        dtype = getattr(torch, cfg.train.dtype)
+        loader, _, info = build_loaders(cfg, 0, 1, device, seed=cfg.train.seed)
+        x, y = next(iter(loader.epoch(0)))
+        x = x.to(dtype)
+        if cfg.model.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        model = build_model(cfg.model, info.num_classes, in_channels=info.channels).to(device=device, dtype=dtype)
+        kfac = KFAC(model, cfg.kfac) if cfg.optim.preconditioner == "kfac" else None
+        return cls(cfg, model, build_optimizer(model, cfg.optim, cfg.data.batch_size), build_criterion(cfg.optim),
+                   torch.amp.GradScaler(device.type, enabled=cfg.train.precision == "fp16"), kfac, x, y, device)
+
+    def step(self, step: int, lap: Lap = _no_lap) -> None:
+        """``Trainer._train_step`` for one micro-batch and one rank; ``lap`` marks the phase ends."""
+        if self.kfac is not None:
+            self.kfac.begin_step(step)
+        with autocast_for(self.cfg, self.device):
+            out = self.model(self.x)
+            loss = self.criterion(loss_precision(out), self.y)
+        if self.kfac is not None:
+            self.kfac.fisher_backward(out)
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.optimizer)
+        lap("forward_backward")
+        if self.kfac is not None:
+            self.kfac.step(self.optimizer.param_groups[0]["lr"],
+                           loss_scale=self.scaler.get_scale() if self.scaler.is_enabled() else 1.0)
+        lap("kfac")
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        lap("optimizer")
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def timed(self, steps: range) -> float:
+        """Seconds for ``steps``, synchronised only before and after."""
+        self.sync()
+        start = time.perf_counter()
+        for s in steps:
+            self.step(s)
+        self.sync()
+        return time.perf_counter() - start
+
+    def laps(self, steps: range) -> list[dict[str, float]]:
+        """Per-step phase seconds, synchronising at every phase boundary."""
+        out: list[dict[str, float]] = []
+        for s in steps:
+            times: dict[str, float] = {}
+            self.sync()
+            last = time.perf_counter()
+
+            def lap(name: str) -> None:
+                nonlocal last
+                self.sync()
+                now = time.perf_counter()
+                times[name], last = now - last, now
+
+            self.step(s, lap)
+            out.append(times)
+        return out
+
+
+def amortised_phases(laps: Sequence[dict[str, float]], first_step: int, factor_interval: int,
+                     inverse_interval: int) -> dict[str, float]:
+    """Phase seconds per step of a K-FAC case from the probe's laps (see the module docstring).
+
+    ``laps[k]`` is probe step ``first_step + k``; the probe must cover every step kind at least once.
+    """
+    kinds: dict[str, list[dict[str, float]]] = {"FI": [], "F": [], "none": []}
+    for k, times in enumerate(laps):
+        s = first_step + k
+        kind = "FI" if s % PROBE_INVERSE_INTERVAL == 0 else "F" if s % PROBE_FACTOR_INTERVAL == 0 else "none"
+        kinds[kind].append(times)
+
+    def mean(kind: str, phase: str) -> float:
+        return fmean(t[phase] for t in kinds[kind])
+
+    fwd_bwd = mean("none", "forward_backward")
+    capture = fmean(t["forward_backward"] for t in kinds["F"] + kinds["FI"]) - fwd_bwd
+    fold = mean("F", "kfac") - mean("none", "kfac")
+    return {"forward_backward": fwd_bwd,
+            "factor_stats": max(0.0, capture + fold) / factor_interval,
+            "inversion": max(0.0, mean("FI", "kfac") - mean("F", "kfac")) / inverse_interval,
+            "preconditioning": mean("none", "kfac"),
+            "optimizer": fmean(t["optimizer"] for t in laps)}
+
+
+class _PeakMemory:
+    """Peak memory of one case (see the module docstring for what is counted)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        _settle()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+            return
+        try:
+            Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+            self._proc = True
+        except OSError:
+            self._proc = False
+
+    def peak(self) -> int | None:
+        """Bytes: the CUDA allocator's peak, or the process's peak RSS, since construction."""
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device)
+        return _proc_status_bytes("VmHWM") if self._proc else None
+
+    def case_gib(self, peak: int | None) -> float | None:
+        """``peak`` in GiB; on CPU minus the RSS left once the case is freed (call after freeing it),
+        so what the process keeps for good (library caches first used by this case) is not charged."""
+        if peak is None or self.device.type == "cuda":
+            return None if peak is None else peak / 2**30
+        _settle()
+        return max(0, peak - _proc_status_bytes("VmRSS")) / 2**30
+
+
+def _settle() -> None:
+    """Free what the previous case left: K-FAC hooks form reference cycles, and glibc keeps freed heap."""
+    gc.collect()
+    trim = getattr(ctypes.CDLL(None), "malloc_trim", None)
+    if trim is not None:
+        trim(0)
+
+
+def _proc_status_bytes(key: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024  # the kernel reports kB
+    raise OSError(f"/proc/self/status has no {key}")
+
+
+def measure(case: Case, cfg: Config, device: torch.device, steps: int, warmup: int) -> dict[str, Any]:
+    """One JSON row, without ``ratio_to_sgd`` (which needs the group's SGD row)."""
+    memory = _PeakMemory(device)
+    run = _Run.build(cfg, device)
+    timed = steps
+    if run.kfac is not None:
+        timed = math.ceil(steps / cfg.kfac.inverse_interval) * cfg.kfac.inverse_interval
+    for s in range(warmup):
+        run.step(s)
+    seconds = run.timed(range(warmup, warmup + timed)) / timed
+    peak = memory.peak()
+    if run.kfac is not None:
+        stats = run.kfac.stats
+        fallbacks = {k: stats[k] for k in ("kfac_nan_skips", "kfac_fp64_retries", "kfac_damping_retries")
+                     if stats.get(k)}
+        if fallbacks:
+            print(f"bench: warning: {case.label} took K-FAC fallback paths during timing, so its times are "
+                  f"not representative (diverged? lower --set optim.lr): {fallbacks}", file=sys.stderr)
+    phase_s = _phase_seconds(run, cfg, steps)
+    del run  # before case_gib: the CPU figure subtracts what remains afterwards
+    peak_gib = memory.case_gib(peak)
+    return {"model": case.model, "batch": case.batch, "precision": case.precision,
+            "channels_last": case.channels_last, "optim": case.optim,
+            "factor_interval": case.factor_interval, "inverse_interval": case.inverse_interval,
+            "ms_per_step": round(seconds * 1e3, 3), "img_per_s": round(case.batch / seconds, 2),
+            "peak_mem_gib": None if peak_gib is None else round(peak_gib, 4),
+            "phases": {k: round(v * 1e3, 3) for k, v in phase_s.items()},
+            "ratio_to_sgd": None, "timed_steps": timed}
+
+
+def _phase_seconds(run: _Run, cfg: Config, steps: int) -> dict[str, float]:
+    """The instrumented pass, after the headline one (so the model is warm)."""
+    n = PROBE_INVERSE_INTERVAL * max(1, min(MAX_PROBE_CYCLES, steps // PROBE_INVERSE_INTERVAL))
+    if run.kfac is None:
+        laps = run.laps(range(n))
+        return {"forward_backward": fmean(t["forward_backward"] for t in laps),
+                "factor_stats": 0.0, "inversion": 0.0, "preconditioning": 0.0,
+                "optimizer": fmean(t["kfac"] + t["optimizer"] for t in laps)}
+    run.kfac.close()
+    run.kfac = KFAC(run.model, dataclasses.replace(cfg.kfac, factor_interval=PROBE_FACTOR_INTERVAL,
+                                                   inverse_interval=PROBE_INVERSE_INTERVAL))
+    for s in range(PROBE_INVERSE_INTERVAL):  # one untimed cycle: the probe's first factors and inverses
+        run.step(s)
+    laps = run.laps(range(PROBE_INVERSE_INTERVAL, PROBE_INVERSE_INTERVAL + n))
+    run.kfac.close()
+    return amortised_phases(laps, PROBE_INVERSE_INTERVAL, cfg.kfac.factor_interval, cfg.kfac.inverse_interval)
+
+
+# -- output ------------------------------------------------------------------------------------
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.machine()}, torch threads={torch.get_num_threads()})"
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def table(rows: Sequence[dict[str, Any]]) -> str:
+    """The rows as a Markdown table (phases in ms per step)."""
+    head = ["model", "batch", "precision", "layout", "optim", "intervals", "ms/step", "img/s", "peak GiB",
+            "x SGD", "fwd+bwd", "factors", "inverse", "precond", "optimizer"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        intervals = "-" if r["optim"] == "sgd" else f"{r['factor_interval']}/{r['inverse_interval']}"
+        cells = [r["model"], str(r["batch"]), r["precision"], "NHWC" if r["channels_last"] else "NCHW", r["optim"],
+                 intervals, f"{r['ms_per_step']:.1f}", f"{r['img_per_s']:.1f}", _fmt(r["peak_mem_gib"], ".3f"),
+                 _fmt(r["ratio_to_sgd"], ".2f"), *(f"{r['phases'][p]:.1f}" for p in PHASES)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _write(path: Path, doc: dict[str, Any]) -> None:
+    """Atomic rewrite after every row, so an interrupted sweep keeps what it measured."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(doc, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def _command(args: argparse.Namespace) -> str:
+    """The command line that reproduces this run, however it was invoked."""
+    parts = ["spngd", "bench"]
+    for key in ("model", "batch", "precision", "channels_last", "optim", "factor_interval", "inverse_interval",
+                "steps", "warmup", "image_size", "classes", "device"):
+        parts += ["--" + key.replace("_", "-"), str(getattr(args, key))]
+    if args.config:
+        parts += ["--config", args.config]
+    for text in args.overrides:
+        parts += ["--set", text]
+    return shlex.join(parts)
+
+
+def run(args: argparse.Namespace) -> int:
+    """The ``spngd bench`` command: measure every planned case, print the table, write the JSON."""
+    cases = plan(args)
+    device = launch.select_device(launch.World(0, 1, 0, 1, "single"), args.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # autotuned during warm-up, as a tuned training run would be
+    doc: dict[str, Any] = {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "device": _device_name(device),
+        "torch": torch.__version__, "command": _command(args), "steps": args.steps,
+        "warmup": args.warmup, "image_size": args.image_size, "classes": args.classes, "rows": []}
+    out = Path(args.out) if args.out else None
+    if out is not None:
+        try:
+            _write(out, doc)
+        except OSError as exc:
+            raise UserError(f"bench: cannot write --out {args.out}: {exc.strerror}") from None
+    sgd_ms: dict[tuple[str, int, str, bool], float] = {}
+    for i, (case, cfg) in enumerate(cases, 1):
+        row = measure(case, cfg, device, args.steps, args.warmup)
+        if case.optim == "sgd":
+            sgd_ms[case.group] = row["ms_per_step"]
+        if case.group in sgd_ms:
+            row["ratio_to_sgd"] = round(row["ms_per_step"] / sgd_ms[case.group], 3)
+        doc["rows"].append(row)
+        if out is not None:
+            _write(out, doc)
+        ratio = "" if row["ratio_to_sgd"] is None else f" ({row['ratio_to_sgd']:.2f}x SGD)"
+        print(f"bench: [{i}/{len(cases)}] {case.label}: {row['ms_per_step']:.1f} ms/step{ratio}",
+              file=sys.stderr, flush=True)
+    print(f"# {doc['device']}, torch {doc['torch']}, {args.image_size}x{args.image_size}, "
+          f"{args.classes} classes, >= {args.steps} timed steps after {args.warmup} warm-up; phases in ms/step")
+    print(table(doc["rows"]))
+    return 0
