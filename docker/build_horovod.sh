@@ -39,5 +39,5 @@ if ! ls "$dest"/horovod-*.whl >/dev/null 2>&1; then
   rm -rf "$dest"; mv "$dest.tmp" "$dest"
 fi
 "$PYV" -m pip install -q --disable-pip-version-check --no-deps "$dest"/horovod-*.whl
-"$PYV" -m pip install -q --disable-pip-version-check cloudpickle psutil packaging
+"$PYV" -m pip install -q --disable-pip-version-check cffi cloudpickle psutil packaging
 log "installed from $dest"
