@@ -119,7 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
         "mean ms/step (synchronised only around the timed window), img/s, peak memory and a per-phase "
         "breakdown from a separate synchronised pass; prints a table and writes JSON rows with each K-FAC "
         "row's ratio to the SGD row of the same batch, precision and layout. --config/--set supply "
-        "everything the bench options do not (e.g. --set kfac.inverse=eigen). Example: spngd bench --model "
+        "everything the bench options do not (e.g. --set kfac.inverse=eigen); optim.lr defaults to 1e-5, as timing "
+        "does not depend on it and a real lr diverges on the repeated random batch. Example: spngd bench --model "
         "resnet50 --batch 32,128 --precision fp32,bf16 --channels-last on,off --optim sgd,kfac "
         "--factor-interval 1,10 --inverse-interval 1,100 --out results.json")
     _add_config_args(bench)
