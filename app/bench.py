@@ -51,7 +51,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from statistics import fmean
 from typing import Any
@@ -438,7 +438,7 @@ def run(args: argparse.Namespace) -> int:
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # autotuned during warm-up, as a tuned training run would be
     doc: dict[str, Any] = {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "device": _device_name(device),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"), "device": _device_name(device),
         "torch": torch.__version__, "command": _command(args), "steps": args.steps,
         "warmup": args.warmup, "image_size": args.image_size, "classes": args.classes, "rows": []}
     out = Path(args.out) if args.out else None

@@ -6,17 +6,19 @@ import logging
 import math
 import sys
 import time
+from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import nn
 
 from app import config as config_mod
-from app.checkpoint import REQUEUE_EXIT, Checkpointer, StopSignal, load as load_checkpoint
+from app.checkpoint import REQUEUE_EXIT, Checkpointer, StopSignal
+from app.checkpoint import load as load_checkpoint
 from app.comm import Comm
 from app.comm.grad_sync import GradientAverager
 from app.config import Config

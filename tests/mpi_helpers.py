@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parent.parent
 VENV_BIN = REPO / ".venv" / "bin"
 
 
-def _env(extra: Mapping[str, str] | None) -> dict[str, str]:
+def mpi_env(extra: Mapping[str, str] | None) -> dict[str, str]:
     env = dict(os.environ)
     env.update({
         "PATH": f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}",
@@ -33,7 +33,7 @@ def _env(extra: Mapping[str, str] | None) -> dict[str, str]:
 
 
 def mpirun_path() -> str | None:
-    return shutil.which("mpirun", path=_env(None)["PATH"])
+    return shutil.which("mpirun", path=mpi_env(None)["PATH"])
 
 
 def mpi_skip_reason() -> str | None:
@@ -52,7 +52,7 @@ def horovod_skip_reason() -> str | None:
     """Why Horovod tests cannot run here, or None. Probed in a child process: horovod.torch
     imports only after mpi4py has loaded libmpi, which a test process should not do itself."""
     probe = subprocess.run([sys.executable, "-c", "from mpi4py import MPI; import horovod.torch"],
-                           env=_env(None), capture_output=True, text=True, timeout=120)
+                           env=mpi_env(None), capture_output=True, text=True, timeout=120)
     if probe.returncode != 0:
         last = (probe.stderr.strip().splitlines() or ["?"])[-1]
         return f"horovod.torch is not importable ({last}); build it with docker/build_horovod.sh"
@@ -71,7 +71,7 @@ def run_mpi(np: int, script: str | Path, *args: str, timeout: float = 120.0,
         raise RuntimeError(mpi_skip_reason())
     cmd = [mpirun, "--oversubscribe", "--bind-to", "none", "-np", str(np),
            python or sys.executable, str(script), *args]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=_env(env), stdout=subprocess.PIPE,
+    proc = subprocess.Popen(cmd, cwd=REPO, env=mpi_env(env), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         out, _ = proc.communicate(timeout=timeout)

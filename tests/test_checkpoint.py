@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from app.checkpoint import CheckpointError, Checkpointer, load
+from app.checkpoint import Checkpointer, CheckpointError, load
 from app.metrics import Metrics, Summary, parse_final_line
 
 

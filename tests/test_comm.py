@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 import torch
+from mpi_helpers import REPO, horovod_skip_reason, mpi_skip_reason, run_mpi
 from torch import Tensor, nn
 
 from app import launch
@@ -19,7 +20,6 @@ from app.comm import ByteCounters, Comm, CommError, Count, Handle
 from app.comm.base import Op, pad_dim0
 from app.comm.grad_sync import GradientAverager
 from app.config import CommConfig
-from mpi_helpers import REPO, horovod_skip_reason, mpi_skip_reason, run_mpi
 
 WORKER = REPO / "tests" / "mpi" / "comm_worker.py"
 

@@ -11,13 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from mpi_helpers import REPO
 from torch import Tensor, nn
 
 from app import config
 from app.config import ConfigError, KFACConfig
 from app.kfac import KFAC
 from app.kfac.intervals import Clock, diff
-from mpi_helpers import REPO
 
 
 def sequence(steps: int, noise: list[float], seed: int) -> list[tuple[Tensor, Tensor]]:

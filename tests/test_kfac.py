@@ -12,12 +12,12 @@ from collections.abc import Iterator
 import pytest
 import torch
 import torch.nn.functional as F
+from thread_comm import ThreadComm, ThreadWorld
 from torch import Tensor, nn
 
 from app.config import KFACConfig
 from app.kfac import KFAC
 from app.kfac.inverse import Retries, cholesky_inverse
-from thread_comm import ThreadComm, ThreadWorld
 
 
 @pytest.fixture(autouse=True)

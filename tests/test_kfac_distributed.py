@@ -10,13 +10,13 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+from mpi_helpers import REPO, horovod_skip_reason, mpi_skip_reason, run_mpi
+from thread_comm import ThreadComm, ThreadWorld
 from torch import Tensor, nn
 
 from app.config import KFACConfig
 from app.kfac import KFAC
 from app.kfac.exchange import FactorExchange, Slot, pack, packed_numel, unpack
-from mpi_helpers import REPO, horovod_skip_reason, mpi_skip_reason, run_mpi
-from thread_comm import ThreadComm, ThreadWorld
 
 WORKER = REPO / "tests" / "mpi" / "kfac_worker.py"
 

@@ -10,10 +10,10 @@ import time
 
 import pytest
 import torch
+from mpi_helpers import REPO, horovod_skip_reason, mpi_skip_reason, run_mpi
 
 from app import launch
 from app.launch import LaunchError, World
-from mpi_helpers import REPO, horovod_skip_reason, mpi_skip_reason, run_mpi
 
 OMPI = {"OMPI_COMM_WORLD_RANK": "5", "OMPI_COMM_WORLD_SIZE": "8", "OMPI_COMM_WORLD_LOCAL_RANK": "1",
         "OMPI_COMM_WORLD_LOCAL_SIZE": "4"}

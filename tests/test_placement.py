@@ -7,8 +7,17 @@ import itertools
 import pytest
 
 from app.cli import main
-from app.kfac.placement import (Placement, balance_table, imbalance, layer_cost, loads, lower_bound, lpt,
-                                model_factor_shapes, refresh_cost)
+from app.kfac.placement import (
+    Placement,
+    balance_table,
+    imbalance,
+    layer_cost,
+    loads,
+    lower_bound,
+    lpt,
+    model_factor_shapes,
+    refresh_cost,
+)
 
 
 @pytest.fixture(scope="module")

@@ -13,10 +13,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from mpi_helpers import (
+    REPO,
+    horovod_skip_reason,
+    mpi_env,
+    mpi_skip_reason,
+    mpirun_path,
+    run_mpi,
+)
 
 from app.checkpoint import REQUEUE_EXIT, Checkpointer
 from app.metrics import parse_final_line
-from mpi_helpers import REPO, _env, horovod_skip_reason, mpi_skip_reason, mpirun_path, run_mpi
 
 pytestmark = pytest.mark.mpi
 SPNGD = str(Path(sys.executable).parent / "spngd")
@@ -70,7 +77,7 @@ def _resume_args(tmp_path: Path, name: str, preconditioner: str) -> list[str]:
 def _interrupted_run(tmp_path: Path, args: list[str], run_dir: Path, at_step: int) -> int:
     """Start a 2-rank run, send SIGUSR1 to mpirun once ``at_step`` is logged, return its exit code."""
     proc = subprocess.Popen([mpirun_path() or "mpirun", "--oversubscribe", "--bind-to", "none", "-np", "2",
-                             sys.executable, SPNGD, *args], cwd=REPO, env=_env(None),
+                             sys.executable, SPNGD, *args], cwd=REPO, env=mpi_env(None),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     deadline = time.monotonic() + 240
     try:

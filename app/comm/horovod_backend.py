@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 from mpi4py import MPI  # noqa: F401  -- load libmpi before Horovod's extension resolves it
 
+# isort: split
 import horovod.torch as hvd
 import torch
 from torch import Tensor

@@ -19,7 +19,7 @@ import io
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from typing import Any
 
 import torch
@@ -48,7 +48,7 @@ def packed_numel(slots: Sequence[Slot]) -> int:
     return sum(s.numel for s in slots)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _triu(n: int, device: torch.device) -> tuple[Tensor, Tensor]:
     rows, cols = torch.triu_indices(n, n, device=device)
     return rows, cols

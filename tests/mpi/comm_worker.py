@@ -8,23 +8,15 @@ with ``ALL OK`` or the job exits 1 listing the failures.
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Callable
 
+import harness
 import torch
+from harness import expect
 from torch import Tensor, nn
 
-from app import launch
 from app.comm import Comm, Count
 from app.comm.grad_sync import GradientAverager
-from app.config import CommConfig
-
-failures: list[str] = []
-
-
-def expect(ok: bool, what: str) -> None:
-    if not ok:
-        failures.append(what)
 
 
 def expect_close(actual: Tensor, expected: Tensor, what: str) -> None:
@@ -220,27 +212,14 @@ def check_gradient_averager(comm: Comm) -> None:
     avg.remove()
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--backend", choices=("torch", "horovod"), required=True)
-    args = parser.parse_args()
-    world = launch.discover()
-    with launch.abort_on_error(world):
-        device = launch.select_device(world, "cpu")
-        comm = launch.init_comm(world, CommConfig(backend=args.backend, timeout_s=60), device)
-        for check in PRIMITIVES:
-            check(comm, list(range(comm.size)))
-        check_subgroups(comm)
-        check_counters(comm)
-        check_gradient_averager(comm)
-        for f in failures:
-            print(f"rank {comm.rank}: FAIL {f}", flush=True)
-        failed = comm.allreduce(torch.tensor([len(failures)]), op="sum", name="result").item()
-        if comm.rank == 0 and failed == 0:
-            print(f"ALL OK backend={args.backend} np={comm.size}", flush=True)
-        comm.shutdown()
-        raise SystemExit(1 if failed else 0)
+def _checks(comm: Comm, backend: str) -> str:
+    for check in PRIMITIVES:
+        check(comm, list(range(comm.size)))
+    check_subgroups(comm)
+    check_counters(comm)
+    check_gradient_averager(comm)
+    return ""
 
 
 if __name__ == "__main__":
-    main()
+    harness.main(_checks)

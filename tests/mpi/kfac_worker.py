@@ -10,31 +10,25 @@ not raised, so all ranks keep issuing the same collectives; rank 0 ends with ``A
 
 from __future__ import annotations
 
-import argparse
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import harness
 import torch
 import torch.nn.functional as F
+from harness import expect, failures
 from torch import Tensor, nn
 
-from app import launch
 from app.comm import Comm
 from app.comm.grad_sync import GradientAverager
-from app.config import CommConfig, ConfigError, KFACConfig
+from app.config import ConfigError, KFACConfig
 from app.kfac import KFAC
 
 STEPS = 20
 BATCH = 12  # divisible by 1, 2, 3 and 4 ranks
 LR = 0.02
 TOLERANCE = {torch.float64: 1e-6, torch.float32: 1e-4}
-failures: list[str] = []
-
-
-def expect(ok: bool, what: str) -> None:
-    if not ok:
-        failures.append(what)
 
 
 def make_model(dtype: torch.dtype) -> nn.Module:
@@ -204,26 +198,13 @@ def cases(backend: str) -> list[Case]:
     return out
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--backend", choices=("torch", "horovod"), required=True)
-    args = parser.parse_args()
-    world = launch.discover()
-    with launch.abort_on_error(world):
-        device = launch.select_device(world, "cpu")
-        comm = launch.init_comm(world, CommConfig(backend=args.backend, timeout_s=60), device)
-        for case in cases(args.backend):
-            check_case(comm, case)
-        if args.backend == "horovod" and comm.size > 1:
-            check_wire_bf16_refused(comm)
-        for f in failures:
-            print(f"rank {comm.rank}: FAIL {f}", flush=True)
-        failed = comm.allreduce(torch.tensor([len(failures)]), op="sum", name="result").item()
-        if comm.rank == 0 and failed == 0:
-            print(f"ALL OK backend={args.backend} np={comm.size} cases={len(cases(args.backend))}", flush=True)
-        comm.shutdown()
-        raise SystemExit(1 if failed else 0)
+def _checks(comm: Comm, backend: str) -> str:
+    for case in cases(backend):
+        check_case(comm, case)
+    if backend == "horovod" and comm.size > 1:
+        check_wire_bf16_refused(comm)
+    return f" cases={len(cases(backend))}"
 
 
 if __name__ == "__main__":
-    main()
+    harness.main(_checks)
