@@ -80,3 +80,19 @@ def run_mpi(np: int, script: str | Path, *args: str, timeout: float = 120.0,
         os.killpg(proc.pid, signal.SIGKILL)
         out, _ = proc.communicate()
         return 124, f"{out}\n[run_mpi: killed after {timeout:g} s]"
+
+
+def skip_unless_runnable(backend: str = "torch") -> None:
+    """Skip the calling test, with the reason, when mpirun (or Horovod for that backend) cannot run."""
+    import pytest
+
+    reason = mpi_skip_reason() or (horovod_skip_reason() if backend == "horovod" else None)
+    if reason is not None:
+        pytest.skip(reason)
+
+
+def run_check_worker(script: str | Path, backend: str, np: int, timeout: float) -> None:
+    """Run a ``tests/mpi/harness`` worker and require its "ALL OK" line (the output on failure)."""
+    skip_unless_runnable(backend)
+    rc, out = run_mpi(np, script, "--backend", backend, timeout=timeout)
+    assert rc == 0 and f"ALL OK backend={backend} np={np}" in out, out[-4000:]

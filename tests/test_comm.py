@@ -12,7 +12,10 @@ from collections.abc import Callable, Iterator
 
 import pytest
 import torch
-from mpi_helpers import REPO, horovod_skip_reason, mpi_skip_reason, run_mpi
+from mpi_helpers import (
+    REPO,
+    run_check_worker,
+)
 from torch import Tensor, nn
 
 from app import launch
@@ -25,12 +28,7 @@ WORKER = REPO / "tests" / "mpi" / "comm_worker.py"
 
 
 def _run_worker(backend: str, np: int) -> None:
-    if (reason := mpi_skip_reason()) is not None:
-        pytest.skip(reason)
-    if backend == "horovod" and (reason := horovod_skip_reason()) is not None:
-        pytest.skip(reason)
-    rc, out = run_mpi(np, WORKER, "--backend", backend, timeout=180)
-    assert rc == 0 and f"ALL OK backend={backend} np={np}" in out, out[-4000:]
+    run_check_worker(WORKER, backend, np, timeout=180)
 
 
 @pytest.mark.mpi

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from mpi_helpers import REPO, horovod_skip_reason, mpi_skip_reason, run_mpi
+from mpi_helpers import REPO, run_check_worker
 from thread_comm import ThreadComm, ThreadWorld
 from torch import Tensor, nn
 
@@ -25,12 +25,7 @@ WORKER = REPO / "tests" / "mpi" / "kfac_worker.py"
 @pytest.mark.parametrize("backend", ["torch", pytest.param("horovod", marks=pytest.mark.horovod)])
 @pytest.mark.parametrize("np", [1, 2, 3, 4])
 def test_n_ranks_equal_one_process(backend: str, np: int) -> None:
-    if (reason := mpi_skip_reason()) is not None:
-        pytest.skip(reason)
-    if backend == "horovod" and (reason := horovod_skip_reason()) is not None:
-        pytest.skip(reason)
-    rc, out = run_mpi(np, WORKER, "--backend", backend, timeout=400)
-    assert rc == 0 and f"ALL OK backend={backend} np={np}" in out, out[-4000:]
+    run_check_worker(WORKER, backend, np, timeout=400)
 
 
 def test_pack_unpack_round_trip() -> None:

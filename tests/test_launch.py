@@ -10,7 +10,7 @@ import time
 
 import pytest
 import torch
-from mpi_helpers import REPO, horovod_skip_reason, mpi_skip_reason, run_mpi
+from mpi_helpers import REPO, run_mpi, skip_unless_runnable
 
 from app import launch
 from app.launch import LaunchError, World
@@ -97,8 +97,7 @@ def test_select_device() -> None:
 @pytest.mark.mpi
 def test_python_run_directly_in_a_multi_task_allocation_fails_in_one_line() -> None:
     """A batch shell's SLURM_* variables claim 2 tasks, but this is one plain process."""
-    if (reason := mpi_skip_reason()) is not None:
-        pytest.skip(reason)
+    skip_unless_runnable()
     code = ("from app import launch; from app.config import CommConfig; import torch\n"
             "w = launch.discover(); launch.init_comm(w, CommConfig(backend='torch'), torch.device('cpu'))")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OMPI_", "PMI", "SLURM_", "HOROVOD_"))}
@@ -114,10 +113,7 @@ def test_python_run_directly_in_a_multi_task_allocation_fails_in_one_line() -> N
 @pytest.mark.parametrize("mode", ["raise", "stall"])
 def test_one_failing_rank_ends_the_whole_job_quickly(backend: str, mode: str) -> None:
     """raise: rank 1 raises. stall: rank 1 never joins, the others hit comm.timeout_s (3 s)."""
-    if (reason := mpi_skip_reason()) is not None:
-        pytest.skip(reason)
-    if backend == "horovod" and (reason := horovod_skip_reason()) is not None:
-        pytest.skip(reason)
+    skip_unless_runnable(backend)
     start = time.monotonic()
     rc, out = run_mpi(3, REPO / "tests" / "mpi" / "fail_worker.py", "--backend", backend,
                       "--fail-rank", "1", "--mode", mode, timeout=90)

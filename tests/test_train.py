@@ -15,11 +15,10 @@ import pytest
 import torch
 from mpi_helpers import (
     REPO,
-    horovod_skip_reason,
     mpi_env,
-    mpi_skip_reason,
     mpirun_path,
     run_mpi,
+    skip_unless_runnable,
 )
 
 from app.checkpoint import REQUEUE_EXIT, Checkpointer
@@ -32,8 +31,7 @@ SMOKE = str(REPO / "configs" / "smoke.yaml")
 
 @pytest.fixture(autouse=True)
 def _need_mpi() -> None:
-    if (reason := mpi_skip_reason()) is not None:
-        pytest.skip(reason)
+    skip_unless_runnable()
 
 
 def _final(out: str) -> dict[str, float | int | str]:
@@ -50,8 +48,7 @@ def _train_rows(run_dir: Path) -> list[dict[str, str]]:
 @pytest.mark.parametrize("backend, np", [("torch", 1), ("torch", 4),
                                          pytest.param("horovod", 4, marks=pytest.mark.horovod)])
 def test_smoke_run_writes_every_artefact(tmp_path: Path, backend: str, np: int) -> None:
-    if backend == "horovod" and (reason := horovod_skip_reason()) is not None:
-        pytest.skip(reason)
+    skip_unless_runnable(backend)
     rc, out = run_mpi(np, SPNGD, "train", "--config", SMOKE, "--set", f"comm.backend={backend}",
                       "--set", f"output.dir={tmp_path}", "--set", "output.name=smoke", "--set", "output.tensorboard=true",
                       timeout=300)
