@@ -5,6 +5,7 @@ The process group is created by ``app.launch.init_comm``; this module only wraps
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Callable
 from datetime import timedelta
 
@@ -81,4 +82,11 @@ class TorchComm(Comm):
 
     def shutdown(self) -> None:
         if self._is_world and dist.is_initialized():
+            # Drop our references too: a process group still referenced from Python outlives
+            # destroy_process_group, and its gloo worker threads then release tensors while the
+            # interpreter finalises (an intermittent abort at exit). Released here, its destructor
+            # joins them now.
+            self._subgroups = {}
             dist.destroy_process_group()
+            self._group = None
+            gc.collect()
