@@ -217,7 +217,7 @@ class _Run:
     def step(self, step: int, lap: Lap = _no_lap) -> None:
         """``Trainer._train_step`` for one micro-batch and one rank; ``lap`` marks the phase ends."""
         if self.kfac is not None:
-            self.kfac.begin_step(step)
+            self.kfac.begin_step(step, loss_scale=self.scaler.get_scale() if self.scaler.is_enabled() else 1.0)
         with autocast_for(self.cfg, self.device):
             out = self.model(self.x)
             loss = self.criterion(loss_precision(out), self.y)
@@ -227,8 +227,7 @@ class _Run:
         self.scaler.unscale_(self.optimizer)
         lap("forward_backward")
         if self.kfac is not None:
-            self.kfac.step(self.optimizer.param_groups[0]["lr"],
-                           loss_scale=self.scaler.get_scale() if self.scaler.is_enabled() else 1.0)
+            self.kfac.step(self.optimizer.param_groups[0]["lr"])
         lap("kfac")
         self.scaler.step(self.optimizer)
         self.scaler.update()

@@ -179,7 +179,8 @@ class Trainer:
         step = self.pos.step
         lr = self.schedule.set_step(step)
         if self.kfac is not None:
-            self.kfac.begin_step(step)
+            self.kfac.begin_step(step, micro_batches=len(group),
+                                 loss_scale=self.scaler.get_scale() if self.scaler.is_enabled() else 1.0)
         loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
         hits = torch.zeros((), device=self.device, dtype=torch.float64)
         for i, (x, y) in enumerate(group):
@@ -199,7 +200,7 @@ class Trainer:
         self.averager.wait()
         self.scaler.unscale_(self.optimizer)
         if self.kfac is not None:
-            self.kfac.step(lr, loss_scale=self.scaler.get_scale() if self.scaler.is_enabled() else 1.0)
+            self.kfac.step(lr)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)

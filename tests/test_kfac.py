@@ -44,7 +44,7 @@ def train_step(model: nn.Module, kfac: KFAC, step: int, batches: list[tuple[Tens
                lr: float = 0.1, autocast: bool = False) -> None:
     """begin_step, k micro-batches (loss mean / k), step: the training loop's contract."""
     model.zero_grad(set_to_none=True)
-    kfac.begin_step(step)
+    kfac.begin_step(step, micro_batches=len(batches))
     for x, y in batches:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             out = model(x)
@@ -166,6 +166,52 @@ def test_missing_fisher_backward_is_a_clear_error() -> None:
 
 
 # -- data parallel ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("fisher", ["emp", "mc"])
+def test_factors_leave_during_the_last_micro_batch(fisher: str) -> None:
+    """Overlap: nothing is sent while statistics still accumulate; on the last micro-batch every
+    layer's bucket (one per layer here) is launched before ``step``: emp during backward, mc
+    right after ``fisher_backward``."""
+    base = net()
+
+    def rank(comm: ThreadComm) -> list[tuple[int, int, int]]:
+        model = copy.deepcopy(base)
+        kfac = KFAC(model, KFACConfig(fisher=fisher, bucket_mb=1e-6), comm)
+        assert kfac.comm is not None and kfac.comm is not comm  # its own channel
+
+        def sent() -> int:
+            counts = comm.counters.snapshot()  # a duplicate counts into its world's counters
+            return counts["kfac.factors"].calls if "kfac.factors" in counts else 0
+
+        seen = []
+        kfac.begin_step(0, micro_batches=2)
+        for x, y in [data(4, seed=comm.rank), data(4, seed=2 + comm.rank)]:
+            out = model(x)
+            kfac.fisher_backward(out)
+            after_fisher = sent()
+            (F.cross_entropy(out, y) / 2).backward()
+            seen.append((after_fisher, sent()))
+        kfac.step(0.1)
+        seen.append((sent(), sent()))
+        return seen
+
+    layers = 4  # conv, bn, fc, out
+    for seen in ThreadWorld(2).run(rank):
+        last = (layers, layers) if fisher == "mc" else (0, layers)
+        assert seen == [(0, 0), last, (layers, layers)]
+
+
+def test_more_micro_batches_than_announced_is_a_clear_error() -> None:
+    model = net()
+    kfac = KFAC(model, KFACConfig())
+    kfac.begin_step(0)
+    x, y = data()
+    kfac.fisher_backward(model(x))
+    with pytest.raises(RuntimeError, match="micro_batches"):
+        kfac.fisher_backward(model(x))
+    with pytest.raises(ValueError, match="micro_batches=0"):
+        kfac.begin_step(1, micro_batches=0)
+
+
 def test_data_parallel_equals_one_rank_on_the_global_batch() -> None:
     base = net(bn=False)
     x, y = data(8)

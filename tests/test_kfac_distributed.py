@@ -47,7 +47,9 @@ def test_pack_unpack_round_trip() -> None:
 
 
 def test_exchange_hands_each_owner_exactly_its_averaged_factors() -> None:
-    """4 layers, owners [2, 0, 2, 1], small buckets: every owner gets the mean of its layers only."""
+    """4 layers, owners [2, 0, 2, 1], planned in backward order into buckets [3] [2] [1, 0]: every owner
+    gets the mean of its layers only, and buckets go strictly in plan order whatever order a rank's
+    layers finish in (rank 0 finishes them in the reverse order and launches nothing until the last)."""
     shapes = [(3, 3), (2, 2), (4, 4), (5, 2, 2)]
     owners = [2, 0, 2, 1]
 
@@ -55,19 +57,36 @@ def test_exchange_hands_each_owner_exactly_its_averaged_factors() -> None:
         m = torch.arange(torch.Size(shapes[i]).numel(), dtype=torch.float64).reshape(shapes[i]) * (rank + 1) + i
         return m + m.transpose(-1, -2)
 
-    def rank(comm: ThreadComm) -> tuple[dict[int, Tensor], int, Any]:
-        items = [(i, owners[i], [value(comm.rank, i)], [Slot(s, True)]) for i, s in enumerate(shapes)]
-        exchange = FactorExchange(comm, items, bucket_bytes=12 * 8, wire_dtype=None)
+    def rank(comm: ThreadComm) -> tuple[dict[int, Tensor], int, Any, list[int]]:
+        plan = [(i, owners[i], [Slot(shapes[i], True)], torch.float64) for i in (3, 2, 1, 0)]
+        exchange = FactorExchange(comm, plan, bucket_bytes=12 * 8, wire_dtype=None)
+        launched = []
+        for i in (0, 1, 2, 3) if comm.rank == 0 else (3, 2, 1, 0):
+            exchange.add(i, [value(comm.rank, i)])
+            counts = comm.counters.snapshot()
+            launched.append(counts["kfac.factors"].calls if "kfac.factors" in counts else 0)
+        assert exchange.missing == []
         got = {i: ts[0] for bucket in exchange.results() for i, ts in bucket}
-        return got, exchange.bytes, comm.counters.snapshot()["kfac.factors"]
+        return got, exchange.bytes, comm.counters.snapshot()["kfac.factors"], launched
 
     results = ThreadWorld(3).run(rank)
     total = sum(Slot(s, True).numel for s in shapes) * 8
-    for r, (got, sent, count) in enumerate(results):
+    for r, (got, sent, count, launched) in enumerate(results):
         assert sorted(got) == [i for i, o in enumerate(owners) if o == r]
         for i, t in got.items():
             torch.testing.assert_close(t, sum(value(q, i) for q in range(3)) / 3, rtol=0, atol=1e-12)
-        assert sent == count.bytes == total and count.calls == 3  # packed 6+3 | 10 | 15: three buckets
+        assert sent == count.bytes == total and count.calls == 3  # packed 15 | 10 | 3+6: three buckets
+        assert launched == ([0, 0, 0, 3] if r == 0 else [1, 2, 2, 3])
+
+
+def test_exchange_refuses_a_layer_twice_and_results_with_layers_missing() -> None:
+    exchange = FactorExchange(None, [(0, 0, [Slot((2, 2), True)], torch.float64),
+                                     (1, 0, [Slot((2, 2), True)], torch.float64)], 1 << 20, None)
+    exchange.add(1, [torch.eye(2, dtype=torch.float64)])
+    with pytest.raises(RuntimeError, match="twice"):
+        exchange.add(1, [torch.eye(2, dtype=torch.float64)])
+    with pytest.raises(RuntimeError, match=r"missing layers \[0\]"):
+        next(exchange.results())
 
 
 # -- checkpoints --------------------------------------------------------------------------------------------

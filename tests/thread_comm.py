@@ -21,6 +21,15 @@ class ThreadWorld:
         self.size = size
         self._barrier = threading.Barrier(size)
         self._slots: list[Any] = [None] * size
+        self._lock = threading.Lock()
+        self._duplicates: list[ThreadWorld] = []
+
+    def duplicate(self, index: int) -> ThreadWorld:
+        """The ``index``-th duplicate world: made by the first rank to ask, shared by the others."""
+        with self._lock:
+            while len(self._duplicates) <= index:
+                self._duplicates.append(ThreadWorld(self.size))
+            return self._duplicates[index]
 
     def exchange(self, rank: int, value: Any) -> list[Any]:
         """Every rank's ``value``, indexed by rank."""
@@ -29,6 +38,14 @@ class ThreadWorld:
         out = list(self._slots)
         self._barrier.wait()
         return out
+
+    def abort(self) -> None:
+        """Release every rank waiting in this world or its duplicates (they raise BrokenBarrierError)."""
+        self._barrier.abort()
+        with self._lock:
+            duplicates = list(self._duplicates)
+        for world in duplicates:
+            world.abort()
 
     def run(self, fn: Callable[[ThreadComm], T]) -> list[T]:
         """``fn(comm)`` on every rank in its own thread; the results by rank, or the first error."""
@@ -40,7 +57,7 @@ class ThreadWorld:
                 results[rank] = fn(ThreadComm(self, rank))
             except BaseException as exc:  # surfaced below; a failing rank must not hang the others
                 errors.append(exc)
-                self._barrier.abort()
+                self.abort()
 
         threads = [threading.Thread(target=body, args=(r,)) for r in range(self.size)]
         for t in threads:
@@ -53,9 +70,9 @@ class ThreadWorld:
 
 
 class ThreadComm(Comm):
-    def __init__(self, world: ThreadWorld, rank: int) -> None:
+    def __init__(self, world: ThreadWorld, rank: int, parent: Comm | None = None) -> None:
         self.world = world
-        super().__init__(rank, world.size, torch.device("cpu"))
+        super().__init__(rank, world.size, torch.device("cpu"), parent)
 
     def _reduce(self, tensors: list[Tensor], op: Op) -> Tensor:
         total = torch.stack(tensors).sum(0)
@@ -86,6 +103,9 @@ class ThreadComm(Comm):
 
     def _new_subgroup(self, ranks: list[int]) -> Comm | None:
         raise NotImplementedError("ThreadComm has no subgroups")
+
+    def _new_duplicate(self) -> Comm:
+        return ThreadComm(self.world.duplicate(len(self._children)), self.rank, parent=self)
 
     def shutdown(self) -> None:
         pass

@@ -115,6 +115,7 @@ class Comm(ABC):
         self.counters: ByteCounters = parent.counters if parent is not None else ByteCounters()
         self._is_world = parent is None
         self._subgroups: dict[tuple[int, ...], Comm | None] = {tuple(range(size)): self}
+        self._children: list[Comm] = []  # duplicates, released with the world
 
     # ---- public API ------------------------------------------------------------------------
 
@@ -218,6 +219,21 @@ class Comm(ABC):
             self._subgroups[key] = self._new_subgroup(list(key))
         return self._subgroups[key]
 
+    def duplicate(self) -> Comm:
+        """A communicator over the same ranks whose collectives are ordered independently of this
+        one's (MPI_Comm_dup).
+
+        Collective over the world. Two parts of a step that launch collectives from different
+        hooks (gradient buckets, K-FAC factor buckets) each keep their own launch order on their
+        own communicator; on a shared one, a rank whose hooks fired in another order would pair
+        the wrong collectives. It counts into this one's counters.
+        """
+        if not self._is_world:
+            raise CommError("duplicate: only the world communicator can be duplicated")
+        dup = self._new_duplicate()
+        self._children.append(dup)
+        return dup
+
     @abstractmethod
     def barrier(self) -> None:
         """Block until every rank of this communicator has reached it."""
@@ -248,6 +264,10 @@ class Comm(ABC):
     @abstractmethod
     def _new_subgroup(self, ranks: list[int]) -> Comm | None:
         """A new communicator over validated ``ranks``; None on ranks outside it."""
+
+    @abstractmethod
+    def _new_duplicate(self) -> Comm:
+        """A new communicator over all ranks of this (world) one, with its own ordering."""
 
     # ---- shared validation -------------------------------------------------------------
 

@@ -11,11 +11,16 @@ module returned, so later in-place ops do not change what is seen:
 
 Hooks do nothing unless ``armed``, the layer is ``due`` (its factors are refreshed this step) and
 the output requires grad (no-grad validation forwards).
+
+**Completion** (emp): during the step's last backward (``final``), a layer whose output-gradient
+hooks have all fired has its final statistics; ``on_complete(layer)`` is called right then, so
+its factors can travel while backward goes on through the layers below.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections import Counter
+from collections.abc import Callable, Iterable
 from functools import partial
 from typing import Any
 
@@ -27,10 +32,14 @@ from app.kfac.factors import Layer
 
 
 class Capture:
-    def __init__(self, layers: Iterable[Layer], hooked_backward: bool) -> None:
+    def __init__(self, layers: Iterable[Layer], hooked_backward: bool,
+                 on_complete: Callable[[Layer], None]) -> None:
         """``hooked_backward``: take G from the user's backward (emp) instead of from ``backward``."""
         self.armed = False
+        self.final = False
         self._hooked_backward = hooked_backward
+        self._on_complete = on_complete
+        self._outstanding: Counter[Layer] = Counter()  # output-gradient hooks registered, not fired yet
         self._pending: list[tuple[Layer, GradientEdge, Any]] = []
         self._handles = [layer.module.register_forward_hook(partial(self._forward_hook, layer))
                          for layer in layers]
@@ -40,7 +49,8 @@ class Capture:
             return
         ctx = layer.add_input(inputs[0])
         if self._hooked_backward:
-            output.register_hook(partial(_hooked_grad, layer, ctx))
+            self._outstanding[layer] += 1
+            output.register_hook(partial(self._hooked_grad, layer, ctx))
         else:
             self._pending.append((layer, get_gradient_edge(output), ctx))
 
@@ -56,14 +66,19 @@ class Capture:
                 if g is not None:
                     layer.add_output_grad(g, ctx)
 
+    def _hooked_grad(self, layer: Layer, ctx: Any, g: Tensor) -> None:
+        layer.add_output_grad(g, ctx)
+        self._outstanding[layer] -= 1
+        if self.final and self._outstanding[layer] == 0:
+            self._on_complete(layer)
+
     def clear(self) -> None:
         self._pending = []
+        self._outstanding.clear()
+        self.final = False
 
     def remove(self) -> None:
         """Detach the hooks from the model."""
         for h in self._handles:
             h.remove()
 
-
-def _hooked_grad(layer: Layer, ctx: Any, g: Tensor) -> None:
-    layer.add_output_grad(g, ctx)

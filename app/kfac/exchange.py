@@ -4,11 +4,13 @@
   numbers instead of ``n^2``; a stack of them (BatchNorm's ``(C, 2, 2)`` blocks) as ``C`` triangles.
   Other tensors (eigenvectors, eigenvalues) travel whole. A ``Slot`` says which is which, so
   every rank can size and unpack a payload it did not build.
-* **Factor exchange.** The layers due at a step are cut, in layer order, into buckets of about
-  ``bucket_bytes``; inside a bucket their packed factors are laid out by owner rank, so one
-  ``reduce_scatter`` (average) per bucket hands each owner exactly the averaged factors it will
-  invert, and nothing else. Every bucket is launched before the first is waited on, so the owner
-  folds and inverts bucket k while buckets k+1.. are still in flight.
+* **Factor exchange.** The layers due at a step are cut, in the order backward finishes them
+  (reverse layer order), into buckets of about ``bucket_bytes``; inside a bucket their packed
+  factors are laid out by owner rank, so one ``reduce_scatter`` (average) per bucket hands each
+  owner exactly the averaged factors it will invert, and nothing else. A bucket is launched as
+  soon as its layers' statistics are final, during the step's last backward (``FactorExchange``),
+  and every bucket is launched before the first is waited on, so the exchange overlaps the rest of
+  backward and the owner folds and inverts bucket k while buckets k+1.. are still in flight.
 * **Objects.** ``gather_objects`` allgathers arbitrary picklable state (checkpoints, layers that
   change owner); it is for rare events, not the per-step path.
 """
@@ -18,7 +20,7 @@ from __future__ import annotations
 import io
 import math
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cache
 from typing import Any
 
@@ -85,69 +87,97 @@ def unpack(flat: Tensor, slots: Sequence[Slot], dtype: torch.dtype) -> list[Tens
 
 @dataclass
 class _Bucket:
-    mine: list[int]  # indices of this rank's layers in the bucket, in bucket order
-    handle: Handle[Tensor]
+    layers: list[int]  # the planned layers, in the order their statistics become final
+    mine: list[int] = field(default_factory=list)  # this rank's layers, in wire order (after launch)
+    handle: Handle[Tensor] | None = None
 
 
 class FactorExchange:
     """One step's factors on their way to their owners (see the module docstring).
 
-    ``items`` are ``(index, owner, factors, slots)`` of the due layers in layer order. With
-    ``comm=None`` (one process) nothing is packed or sent. ``bytes`` is what this rank handed to
-    the collectives: every bucket's whole buffer, the quantity ``ByteCounters`` counts.
+    Planned when the step begins, from ``plan``: ``(index, owner, slots, dtype)`` of the due layers
+    in the order their statistics become final (backward runs the layers in reverse). ``add``
+    hands over one layer's final statistics; the buckets are launched strictly in plan order,
+    each as soon as it and every bucket before it are complete, so all ranks issue the same
+    collectives in the same order however their hooks fired, and the exchange overlaps the rest
+    of backward. ``results`` needs every planned layer added (``missing`` lists the others).
+
+    With ``comm=None`` (one process) nothing is packed or sent. ``bytes`` is what this rank handed
+    to the collectives: every bucket's whole buffer, the quantity ``ByteCounters`` counts.
     """
 
     NAME = "kfac.factors"
 
-    def __init__(self, comm: Comm | None, items: list[tuple[int, int, list[Tensor], list[Slot]]],
+    def __init__(self, comm: Comm | None, plan: Sequence[tuple[int, int, list[Slot], torch.dtype]],
                  bucket_bytes: int, wire_dtype: torch.dtype | None) -> None:
         self._comm = comm
-        self._local = [(i, ts) for i, _, ts, _ in items]
-        self._slots = {i: slots for i, _, _, slots in items}
-        self._dtypes = {i: ts[0].dtype for i, _, ts, _ in items}
+        self._owner = {i: owner for i, owner, _, _ in plan}
+        self._slots = {i: slots for i, _, slots, _ in plan}
+        self._dtypes = {i: dtype for i, _, _, dtype in plan}
         self._wire = wire_dtype
+        self._factors: dict[int, list[Tensor]] = {}  # added, not yet packed (or kept: one process)
+        self._added: set[int] = set()
         self._buckets: list[_Bucket] = []
+        self._next = 0  # the next bucket to launch
         self.bytes = 0
-        if comm is None:
-            return
-        group: list[tuple[int, int, list[Tensor], list[Slot]]] = []
         used = 0
-        for item in items:
-            size = packed_numel(item[3]) * self._wire_dtype(item[0]).itemsize
-            if group and used + size > bucket_bytes:
-                self._launch(comm, group)
-                group, used = [], 0
-            group.append(item)
+        for i, _, slots, _ in plan:
+            size = packed_numel(slots) * self._wire_dtype(i).itemsize
+            if not self._buckets or (comm is not None and used + size > bucket_bytes):
+                self._buckets.append(_Bucket([]))
+                used = 0
+            self._buckets[-1].layers.append(i)
             used += size
-        if group:
-            self._launch(comm, group)
+
+    @property
+    def missing(self) -> list[int]:
+        """The planned layers not added yet, in plan order."""
+        return [i for b in self._buckets for i in b.layers if i not in self._added]
+
+    def add(self, index: int, factors: list[Tensor]) -> None:
+        """Layer ``index``'s final statistics for this step; launches every bucket that can go."""
+        if index not in self._owner or index in self._added:
+            raise RuntimeError(f"K-FAC: factors of layer {index} handed to the exchange twice or unplanned")
+        self._added.add(index)
+        self._factors[index] = factors
+        if self._comm is None:
+            return
+        while self._next < len(self._buckets) and all(i in self._added for i in self._buckets[self._next].layers):
+            self._launch(self._comm, self._buckets[self._next])
+            self._next += 1
 
     def _wire_dtype(self, index: int) -> torch.dtype:
         return self._wire or self._dtypes[index]
 
-    def _launch(self, comm: Comm, group: list[tuple[int, int, list[Tensor], list[Slot]]]) -> None:
-        ordered = sorted(group, key=lambda item: (item[1], item[0]))  # by owner, then layer order
-        dtype = self._wire_dtype(ordered[0][0])
-        flat = torch.cat([pack(ts, slots, dtype) for _, _, ts, slots in ordered])
+    def _launch(self, comm: Comm, bucket: _Bucket) -> None:
+        ordered = sorted(bucket.layers, key=lambda i: (self._owner[i], i))  # by owner, then layer order
+        dtype = self._wire_dtype(ordered[0])
+        with torch.no_grad():  # called from backward hooks
+            flat = torch.cat([pack(self._factors[i], self._slots[i], dtype) for i in ordered])
         sizes = [0] * comm.size
-        for _, owner, _, slots in ordered:
-            sizes[owner] += packed_numel(slots)
+        for i in ordered:
+            sizes[self._owner[i]] += packed_numel(self._slots[i])
         try:
-            handle = comm.reduce_scatter_async(flat, sizes, op="avg", name=self.NAME)
+            bucket.handle = comm.reduce_scatter_async(flat, sizes, op="avg", name=self.NAME)
         except ValueError as exc:  # a library refusing the wire dtype (Horovod 0.28: bfloat16)
             if self._wire is None:
                 raise
             raise ConfigError(f"config: kfac.wire_dtype={str(self._wire).removeprefix('torch.')} is not "
                               f"supported by the {type(comm).__name__} backend ({exc})") from None
         self.bytes += flat.numel() * flat.element_size()
-        self._buckets.append(_Bucket([i for i, owner, _, _ in ordered if owner == comm.rank], handle))
+        bucket.mine = [i for i in ordered if self._owner[i] == comm.rank]
+        for i in ordered:  # packed: the owners get the averages back
+            del self._factors[i]
 
     def results(self) -> Iterator[list[tuple[int, list[Tensor]]]]:
         """Per bucket, in launch order: ``(index, averaged factors)`` of this rank's layers."""
+        if self.missing:
+            raise RuntimeError(f"K-FAC: the factor exchange is missing layers {self.missing}")
         if self._comm is None:
-            yield self._local
+            yield [(i, self._factors[i]) for b in self._buckets for i in b.layers]
             return
         for bucket in self._buckets:
+            assert bucket.handle is not None
             segment = bucket.handle.wait()
             sizes = [packed_numel(self._slots[i]) for i in bucket.mine]
             yield [(i, unpack(part, self._slots[i], self._dtypes[i]))

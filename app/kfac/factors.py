@@ -183,8 +183,13 @@ class Layer(ABC):
     def _add_out(self, s: Tensor) -> None:
         self._out_sum = s if self._out_sum is None else self._out_sum.add_(s)
 
+    @property
+    def captured(self) -> bool:
+        """Whether this step saw both a forward and an output gradient."""
+        return self.examples > 0 and self._out_sum is not None
+
     def _require_captured(self) -> Tensor:
-        if self.examples == 0 or self._out_sum is None:
+        if not self.captured:
             missing = "no forward" if self.examples == 0 else "no output gradient"
             raise RuntimeError(f"K-FAC: layer {self.name!r} saw {missing} this step (call fisher_backward(out) "
                                f"for fisher=mc/exact and backward before step(), or add it to kfac.skip)")

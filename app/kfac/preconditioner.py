@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 class KFAC:
     """Kronecker-factored natural-gradient preconditioning of Linear, Conv2d and BatchNorm2d layers.
 
-    Per step: ``begin_step(step)``; per micro-batch ``out = model(x)``,
+    Per step: ``begin_step(step, micro_batches, loss_scale)``; per micro-batch ``out = model(x)``,
     ``fisher_backward(out)``, ``loss.backward()``; data-parallel gradient averaging; ``step(lr)``,
     which replaces ``.grad`` of every preconditioned parameter; then ``optimizer.step()``.
 
@@ -41,9 +41,11 @@ class KFAC:
       fixed or adaptive (Algorithm 1); every step is preconditioned with the latest inverses.
     * **Data parallel** (``comm``): every layer has one owner rank (``app.kfac.placement``). A step
       runs: (1) the due layers' packed factors are reduce-scattered (averaged) to their owners in
-      owner-ordered buckets (``app.kfac.exchange``), launched when ``step`` starts, i.e. after
-      backward and the gradient averaging, since with gradient accumulation the statistics are
-      final only then; (2) while they travel, every layer whose inverse stays as it is gets
+      owner-ordered buckets (``app.kfac.exchange``), each launched during the last micro-batch's
+      backward as soon as its layers' statistics are final (emp; mc/exact: right after the last
+      ``fisher_backward``, before the main backward), so the exchange overlaps backward and the
+      gradient averaging; whatever a caller left unfinished (no ``fisher_backward`` calls) is
+      launched when ``step`` starts; (2) while they travel, every layer whose inverse stays as it is gets
       preconditioned; (3) as each bucket lands, its owner folds the factors into the running
       average, computes Diff and inverts; (4) one small allreduce shares the owners' Diffs,
       non-finite flags and retry counts, so intervals and counters agree on every rank;
@@ -57,7 +59,9 @@ class KFAC:
 
     def __init__(self, model: nn.Module, cfg: KFACConfig, comm: Comm | None = None) -> None:
         self.cfg = cfg
-        self.comm = comm
+        # K-FAC's collectives launch from their own hooks: on their own channel they cannot be paired
+        # with the gradient buckets of another rank whose hooks fired in another order.
+        self.comm = comm.duplicate() if comm is not None else None
         self.layers: dict[str, Layer] = find_layers(model, cfg.skip, cfg.batchnorm)
         self._layers = list(self.layers.values())
         self._rank, self._size = (comm.rank, comm.size) if comm is not None else (0, 1)
@@ -66,9 +70,14 @@ class KFAC:
         self._wire = torch.bfloat16 if cfg.wire_dtype == "bfloat16" else None
         self._dtype = functools.reduce(torch.promote_types, (layer.dtype for layer in self._layers), torch.float32)
         self._device = comm.device if comm is not None else torch.device("cpu")
-        self._capture = Capture(self._layers, hooked_backward=cfg.fisher == "emp")
+        self._index = {layer: i for i, layer in enumerate(self._layers)}
+        self._capture = Capture(self._layers, hooked_backward=cfg.fisher == "emp",
+                                on_complete=lambda layer: self._send(self._index[layer]))
         self._step: int | None = None
         self._due: list[bool] = []
+        self._passes_left = 0
+        self._loss_scale = 1.0
+        self._exchange: FactorExchange | None = None
         self._counters = {"kfac_layers": 0, "kfac_factor_updates": 0, "kfac_inverse_updates": 0,
                           "kfac_nan_skips": 0, "kfac_fp64_retries": 0, "kfac_damping_retries": 0,
                           "kfac_due_layers": 0, "kfac_bytes_step": 0, "kfac_bytes_total": 0,
@@ -85,39 +94,79 @@ class KFAC:
         return self.placement.owners[i] == self._rank
 
     # -- the step ------------------------------------------------------------------------------
-    def begin_step(self, step: int) -> None:
-        """Decide which layers are due at ``step`` and arm their hooks."""
+    def begin_step(self, step: int, micro_batches: int = 1, loss_scale: float = 1.0) -> None:
+        """Decide which layers are due at ``step``, arm their hooks and plan the factor exchange.
+
+        ``micro_batches``: the forward/backward passes this step accumulates, one
+        ``fisher_backward`` call each; the last one's backward sends the factors as they become
+        final. ``loss_scale``: the factor the loss is multiplied by before ``backward`` (fp16
+        ``GradScaler.get_scale()``), divided out of the emp G.
+        """
+        if micro_batches < 1:
+            raise ValueError(f"K-FAC: begin_step(micro_batches={micro_batches}) must be >= 1")
         self._step = step
         self._due = self.clock.factors_due(step)
+        self._passes_left = micro_batches
+        self._loss_scale = loss_scale
         for layer, due in zip(self._layers, self._due):
             layer.reset()
             layer.due = due
         self._capture.clear()
         self._capture.armed = any(self._due)
+        owners = self.placement.owners
+        self._exchange = FactorExchange(
+            self.comm, [(i, owners[i], self._layers[i].factor_slots, self._layers[i].dtype)
+                        for i in reversed(range(len(self._layers))) if self._due[i]],
+            int(self.cfg.bucket_mb * 2 ** 20), self._wire)
 
     def fisher_backward(self, out: Tensor) -> None:
-        """mc/exact: backward the sampled losses into G only (``.grad`` untouched); emp: no-op."""
-        if self._capture.armed and self.cfg.fisher != "emp":
-            self._capture.backward(sampled_losses(out, self.cfg.fisher))
+        """Once per micro-batch, after its forward and before its backward.
 
-    def step(self, lr: float, loss_scale: float = 1.0) -> None:
-        """Refresh due factors and inverses, then write preconditioned gradients into ``.grad``.
-
-        ``loss_scale``: the factor the loss was multiplied by before ``backward`` (fp16
-        ``GradScaler.get_scale()``); it is divided out of the emp G. ``.grad`` must already be
-        unscaled and averaged over the ranks. Collective with a communicator.
+        mc/exact: backward the sampled losses into G only (``.grad`` untouched), and on the last
+        micro-batch send every due layer's factors; emp: mark the last micro-batch, whose backward
+        sends each layer's factors as soon as its hooks have fired.
         """
         if self._step is None:
+            raise RuntimeError("K-FAC: fisher_backward() called without begin_step()")
+        self._passes_left -= 1
+        if self._passes_left < 0:
+            raise RuntimeError("K-FAC: fisher_backward() called more often than begin_step(micro_batches=...) "
+                               "announced")
+        if not self._capture.armed:
+            return
+        final = self._passes_left == 0
+        if self.cfg.fisher == "emp":
+            self._capture.final = final
+            return
+        self._capture.backward(sampled_losses(out, self.cfg.fisher))
+        if final:
+            assert self._exchange is not None
+            for i in self._exchange.missing:
+                if self._layers[i].captured:
+                    self._send(i)
+
+    def _send(self, i: int) -> None:
+        """Hand layer i's final statistics of the step to the exchange (launching what can go)."""
+        assert self._exchange is not None
+        layer = self._layers[i]
+        with torch.no_grad():
+            self._exchange.add(i, layer.step_factors(self._g_scale(layer)))
+
+    def step(self, lr: float) -> None:
+        """Refresh due factors and inverses, then write preconditioned gradients into ``.grad``.
+
+        ``.grad`` must already be unscaled and averaged over the ranks. Collective with a
+        communicator.
+        """
+        if self._step is None or self._exchange is None:
             raise RuntimeError("K-FAC: step() called without begin_step()")
         self._capture.armed = False
         self._capture.clear()
-        step, due = self._step, self._due
+        step, due, exchange = self._step, self._due, self._exchange
+        for i in exchange.missing:  # not sent during backward (no fisher_backward calls)
+            self._send(i)
         inverse_due = self.clock.inverse_due(step, due)
         owners = self.placement.owners
-        exchange = FactorExchange(
-            self.comm, [(i, owners[i], layer.step_factors(self._g_scale(layer, loss_scale)), layer.factor_slots)
-                        for i, layer in enumerate(self._layers) if due[i]],
-            int(self.cfg.bucket_mb * 2 ** 20), self._wire)
         grads = self._grads()
         updates = {i: self._layers[i].precondition(grads[i]) for i in grads  # overlaps the exchange
                    if self._computes(i) and self.clock.has_inverse[i] and not inverse_due[i]}
@@ -145,7 +194,7 @@ class KFAC:
             self._rebalance()
         for layer in self._layers:
             layer.reset()
-        self._step = None
+        self._step = self._exchange = None
 
     def _grads(self) -> dict[int, list[Tensor]]:
         """``.grad`` of the layers whose parameters all have one (alike on every rank after averaging)."""
@@ -263,10 +312,10 @@ class KFAC:
         c["kfac_bytes_step"] = sent
         c["kfac_bytes_total"] += sent
 
-    def _g_scale(self, layer: Layer, loss_scale: float) -> float:
+    def _g_scale(self, layer: Layer) -> float:
         """Turns the captured output-gradient sums into G (see ``app.kfac.factors``)."""
         n = max(layer.examples, 1)
-        return n / loss_scale ** 2 if self.cfg.fisher == "emp" else 1.0 / n
+        return n / self._loss_scale ** 2 if self.cfg.fisher == "emp" else 1.0 / n
 
     def _apply(self, lr: float, grads: dict[int, list[Tensor]], updates: dict[int, list[Tensor]]) -> None:
         """KL-clip the preconditioned gradients (layer order, so every rank agrees) into ``.grad``."""

@@ -147,6 +147,26 @@ def check_subgroups(comm: Comm) -> None:
             check(sub, ranks)
 
 
+def check_duplicate(comm: Comm) -> None:
+    """A duplicate's collectives pair among themselves: launched in opposite orders on odd and even
+    ranks (world first / duplicate first), both still reduce the right tensors."""
+    dup = comm.duplicate()
+    expect(dup is not comm and (dup.rank, dup.size) == (comm.rank, comm.size), "duplicate: same ranks, new comm")
+    for check in PRIMITIVES:
+        check(dup, list(range(comm.size)))
+    mine, other = torch.full((4,), comm.rank + 1.0), torch.full((9,), 10.0 * (comm.rank + 1))
+    if comm.rank % 2:
+        h_other = dup.allreduce_async(other, op="sum", name="dup")
+        h_mine = comm.allreduce_async(mine, op="sum", name="world")
+    else:
+        h_mine = comm.allreduce_async(mine, op="sum", name="world")
+        h_other = dup.allreduce_async(other, op="sum", name="dup")
+    total = comm.size * (comm.size + 1) / 2
+    expect_close(h_mine.wait(), torch.full((4,), total), "world allreduce beside a duplicate's")
+    expect_close(h_other.wait(), torch.full((9,), 10.0 * total), "duplicate allreduce beside the world's")
+    comm.barrier()
+
+
 def check_counters(comm: Comm) -> None:
     comm.counters.reset()
     a, b = torch.zeros(5, dtype=torch.float64), torch.zeros(3, dtype=torch.float32)
@@ -216,6 +236,7 @@ def _checks(comm: Comm, backend: str) -> str:
     for check in PRIMITIVES:
         check(comm, list(range(comm.size)))
     check_subgroups(comm)
+    check_duplicate(comm)
     check_counters(comm)
     check_gradient_averager(comm)
     return ""
