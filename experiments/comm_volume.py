@@ -2,20 +2,25 @@
 per adaptive-interval threshold lambda.
 
 For every lambda and seed this launches ``mpirun -np NP spngd train`` (K-FAC, ``kfac.adaptive_lambda``
-set; ``none`` = 0, refresh every step), reads the FINAL line (validation top-1) and the last
-``kfac_bytes_total`` of metrics.csv: the factor bytes each rank handed to the reduce-scatter over
-the run (the same on every rank). It writes, under ``--out``:
+set; ``none`` = 0, refresh every step) and reads the run's metrics.csv: the end-of-run validation
+top-1 and the last ``kfac_bytes_total``, the factor bytes each rank handed to the reduce-scatter
+over the run (the same on every rank). ``--reuse`` takes runs already finished under ``--out``
+instead of repeating them (to add a lambda, or to go on after an interruption). It writes, under
+``--out``:
 
 * ``runs.csv``: one row per run;
 * ``comm_volume.csv``: one row per lambda: mean top-1 over the seeds, factor bytes per rank, and
   their share of the lambda=none volume;
 * ``comm_volume.png``: both against lambda.
 
-Example (the bundled MNIST-5k, 4 ranks; run as root? export OMPI_ALLOW_RUN_AS_ROOT=1 and
-OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1, as the Makefile does)::
+The README's table (the bundled MNIST-5k, 4 ranks, batch 512, exact Fisher, 30 epochs; run as
+root? export OMPI_ALLOW_RUN_AS_ROOT=1 and OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1, as the Makefile
+does)::
 
-    python experiments/comm_volume.py --config configs/demo.yaml --np 4 --seeds 1,2 \\
-        --set model.arch=cifar_resnet8 --set train.epochs=2
+    python experiments/comm_volume.py --np 4 --lambdas none,0.2,0.25,0.3,0.4 --seeds 1,2 \\
+        --set model.arch=cifar_resnet8 --set train.epochs=30 --set data.workers=0 \\
+        --set data.batch_size=128 --set optim.base_batch=128 --set kfac.fisher=exact \\
+        --set kfac.kl_clip=0.001 --set kfac.damping=0.003 --set train.val_every=0
 """
 
 from __future__ import annotations
@@ -24,19 +29,17 @@ import argparse
 import csv
 import os
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
-from app.metrics import parse_final_line  # noqa: E402
 
 FIELDS = ("lambda", "top1_mean_pct", "top1_per_seed_pct", "factor_bytes_per_rank", "share_of_none_pct",
-          "inverse_bytes_per_rank", "wall_s")
+          "inverse_bytes_per_rank", "train_s")
 
 
 def parse_lambdas(text: str) -> list[float]:
@@ -54,39 +57,48 @@ def label(lam: float) -> str:
     return "none" if lam == 0 else f"{lam:g}"
 
 
-def last_train_row(metrics: Path) -> dict[str, str]:
-    rows = [r for r in csv.DictReader(metrics.open()) if r["kind"] == "train"]
-    if not rows:
-        raise SystemExit(f"comm_volume: no training rows in {metrics}")
-    return rows[-1]
+def finished(run_dir: Path) -> dict[str, dict[str, str]] | None:
+    """The last training row and the end-of-run validation row of a completed run, else None."""
+    metrics = run_dir / "metrics.csv"
+    if not metrics.exists():
+        return None
+    rows = list(csv.DictReader(metrics.open()))
+    train = [r for r in rows if r["kind"] == "train"]
+    val = [r for r in rows if r["kind"] == "val"]
+    if not train or not val or val[-1]["step"] != train[-1]["step"]:
+        return None
+    return {"train": train[-1], "val": val[-1]}
 
 
 def run_one(args: argparse.Namespace, lam: float, seed: int) -> dict[str, float | str]:
     name = f"lambda-{label(lam)}-seed{seed}"
-    cmd = [*shlex.split(args.mpirun), "-np", str(args.np), sys.executable, "-m", "app", "train",
-           "--config", args.config, "--set", "optim.preconditioner=kfac",
-           "--set", f"kfac.adaptive_lambda={lam}", "--set", f"train.seed={seed}",
-           "--set", f"output.dir={args.out}", "--set", f"output.name={name}",
-           "--set", "output.tensorboard=false", "--set", "output.progress=lines",
-           *[a for s in args.overrides for a in ("--set", s)]]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    start = time.monotonic()
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
-    wall = time.monotonic() - start
-    finals = [line for line in proc.stdout.splitlines() if line.startswith("FINAL ")]
-    if proc.returncode != 0 or not finals:
-        sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-3000:])
-        raise SystemExit(f"comm_volume: run {name} failed (exit {proc.returncode})")
-    final = parse_final_line(finals[-1])
-    row = last_train_row(Path(str(final["run_dir"])) / "metrics.csv")
-    out: dict[str, float | str] = {"lambda": label(lam), "seed": seed, "top1_pct": 100 * float(final["val_top1"]),
+    run_dir = Path(args.out) / name
+    done = finished(run_dir) if args.reuse else None
+    proc = None
+    if done is None:
+        shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run, not appended to a stale one
+        cmd = [*shlex.split(args.mpirun), "-np", str(args.np), sys.executable, "-m", "app", "train",
+               "--config", args.config, "--set", "optim.preconditioner=kfac",
+               "--set", f"kfac.adaptive_lambda={lam}", "--set", f"train.seed={seed}",
+               "--set", f"output.dir={args.out}", "--set", f"output.name={name}",
+               "--set", "output.tensorboard=false", "--set", "output.progress=lines",
+               *[a for s in args.overrides for a in ("--set", s)]]
+        env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+               "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+        done = finished(run_dir)
+        if proc.returncode != 0 or done is None:
+            sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-3000:])
+            raise SystemExit(f"comm_volume: run {name} failed (exit {proc.returncode})")
+    row = done["train"]
+    out: dict[str, float | str] = {"lambda": label(lam), "seed": seed, "top1_pct": 100 * float(done["val"]["top1"]),
                                    "factor_bytes_per_rank": float(row["kfac_bytes_total"]),
                                    "inverse_bytes_per_rank": float(row["kfac_share_bytes_total"]),
-                                   "interval_mean": float(row["kfac_interval_mean"]), "wall_s": round(wall, 1),
-                                   "run_dir": str(final["run_dir"])}
+                                   "interval_mean": float(row["kfac_interval_mean"]),
+                                   "train_s": float(done["val"]["time_s"]), "run_dir": str(run_dir)}
     print(f"{name}: top-1 {out['top1_pct']:.2f} %, factor bytes/rank {out['factor_bytes_per_rank']:.4g}, "
-          f"mean interval {out['interval_mean']:.2f}, {wall:.0f} s", flush=True)
+          f"mean interval {out['interval_mean']:.2f}, {out['train_s']:.0f} s"
+          f"{' (reused)' if proc is None else ''}", flush=True)
     return out
 
 
@@ -99,7 +111,7 @@ def summarise(runs: list[dict[str, float | str]], lambdas: list[float]) -> list[
                       "top1_per_seed_pct": ";".join(f"{float(r['top1_pct']):.2f}" for r in mine),
                       "factor_bytes_per_rank": statistics.mean(float(r["factor_bytes_per_rank"]) for r in mine),
                       "inverse_bytes_per_rank": statistics.mean(float(r["inverse_bytes_per_rank"]) for r in mine),
-                      "wall_s": round(sum(float(r["wall_s"]) for r in mine), 1)})
+                      "train_s": round(sum(float(r["train_s"]) for r in mine), 1)})
     none = next((float(r["factor_bytes_per_rank"]) for r in table if r["lambda"] == "none"), None)
     for r in table:
         r["share_of_none_pct"] = round(100 * float(r["factor_bytes_per_rank"]) / none, 1) if none else ""
@@ -146,6 +158,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="extra config override for every run (repeatable)")
     parser.add_argument("--mpirun", default="mpirun --oversubscribe --bind-to none", help="launcher command")
     parser.add_argument("--out", default=str(REPO / "runs" / "comm_volume"), help="output folder")
+    parser.add_argument("--reuse", action="store_true",
+                        help="take finished runs already under --out (same names) instead of re-running them; "
+                             "only meaningful with the same settings")
     args = parser.parse_args(argv)
     lambdas = parse_lambdas(args.lambdas)
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -153,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     runs = [run_one(args, lam, seed) for lam in lambdas for seed in seeds]
     write_csv(out / "runs.csv", runs, ("lambda", "seed", "top1_pct", "factor_bytes_per_rank",
-                                       "inverse_bytes_per_rank", "interval_mean", "wall_s", "run_dir"))
+                                       "inverse_bytes_per_rank", "interval_mean", "train_s", "run_dir"))
     table = summarise(runs, lambdas)
     write_csv(out / "comm_volume.csv", table, FIELDS)
     plot(out / "comm_volume.png", table)

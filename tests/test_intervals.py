@@ -7,6 +7,7 @@ import importlib.util
 import math
 from collections import OrderedDict
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -176,17 +177,35 @@ def test_kfac_skips_layers_that_are_not_due(tmp_path: Path) -> None:
             assert grew == (float(row["diff"]) < 0.5), row
 
 
-def test_comm_volume_table_is_relative_to_refreshing_every_step() -> None:
-    """experiments/comm_volume.py's arithmetic (its runs are too slow for the suite)."""
+def comm_volume() -> Any:
+    """experiments/comm_volume.py as a module (it is a script, not part of the package)."""
     spec = importlib.util.spec_from_file_location("comm_volume", REPO / "experiments" / "comm_volume.py")
     assert spec is not None and spec.loader is not None
-    cv = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cv)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_comm_volume_table_is_relative_to_refreshing_every_step() -> None:
+    """experiments/comm_volume.py's arithmetic (its runs are too slow for the suite)."""
+    cv = comm_volume()
     assert cv.parse_lambdas("none,0.25") == [0.0, 0.25]
     runs = [{"lambda": lam, "seed": seed, "top1_pct": top1, "factor_bytes_per_rank": size,
-             "inverse_bytes_per_rank": 1.0, "wall_s": 2.0}
+             "inverse_bytes_per_rank": 1.0, "train_s": 2.0}
             for lam, seed, top1, size in [("none", 1, 95.0, 400.0), ("none", 2, 96.0, 400.0),
                                           ("0.3", 1, 94.0, 50.0), ("0.3", 2, 95.0, 70.0)]]
     table = cv.summarise(runs, [0.0, 0.3])
     assert [(r["lambda"], r["top1_mean_pct"], r["top1_per_seed_pct"], r["share_of_none_pct"]) for r in table] == \
         [("none", 95.5, "95.00;96.00", 100.0), ("0.3", 94.5, "94.00;95.00", 15.0)]
+
+
+def test_comm_volume_reuses_only_runs_that_validated_at_their_last_step(tmp_path: Path) -> None:
+    cv = comm_volume()
+    head = "kind,step,time_s,top1,kfac_bytes_total\n"
+    (tmp_path / "metrics.csv").write_text(head + "train,10,1.0,0.5,100\nval,10,1.2,0.9,\ntrain,20,2.0,0.6,200\n")
+    assert cv.finished(tmp_path) is None  # stopped after a mid-run validation
+    assert cv.finished(tmp_path / "absent") is None
+    with (tmp_path / "metrics.csv").open("a") as f:
+        f.write("val,20,2.1,0.95,\n")
+    done = cv.finished(tmp_path)
+    assert done is not None and done["train"]["kfac_bytes_total"] == "200" and done["val"]["top1"] == "0.95"
