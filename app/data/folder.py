@@ -16,15 +16,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from app.config import DataConfig
-from app.data.common import (
-    PAD,
-    DataError,
-    PlannedLoader,
-    ShardPlan,
-    Split,
-    candidates,
-    normalise,
-)
+from app.data.common import PAD, DataError, PlannedLoader, ShardPlan, Split, candidates, normalise
 
 _LOG_RATIO = (math.log(3 / 4), math.log(4 / 3))
 

@@ -206,9 +206,7 @@ def render(job: Job) -> str:
     """The batch script for ``job`` (no side effects)."""
     import jinja2
 
-    from app.checkpoint import (
-        REQUEUE_EXIT,  # imports torch: only when a script is rendered
-    )
+    from app.checkpoint import REQUEUE_EXIT  # imports torch: only when a script is rendered
     from app.submit import schedulers
 
     p = job.profile
