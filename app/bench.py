@@ -67,7 +67,7 @@ from app.data import build_loaders
 from app.kfac import KFAC
 from app.models import build_model
 from app.optim import build_criterion, build_optimizer
-from app.train import autocast_for, loss_precision
+from app.train import autocast_for, loss_precision, loss_scale
 
 PHASES = ("forward_backward", "factor_stats", "inversion", "preconditioning", "optimizer")
 OPTIMS = ("sgd", "kfac")
@@ -217,7 +217,7 @@ class _Run:
     def step(self, step: int, lap: Lap = _no_lap) -> None:
         """``Trainer._train_step`` for one micro-batch and one rank; ``lap`` marks the phase ends."""
         if self.kfac is not None:
-            self.kfac.begin_step(step, loss_scale=self.scaler.get_scale() if self.scaler.is_enabled() else 1.0)
+            self.kfac.begin_step(step, loss_scale=loss_scale(self.scaler))
         with autocast_for(self.cfg, self.device):
             out = self.model(self.x)
             loss = self.criterion(loss_precision(out), self.y)

@@ -70,6 +70,11 @@ def autocast_for(cfg: Config, device: torch.device) -> Any:
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def loss_scale(scaler: torch.amp.GradScaler) -> float:
+    """The factor ``scaler`` multiplies the loss by before backward (1 when fp16 scaling is off)."""
+    return scaler.get_scale() if scaler.is_enabled() else 1.0
+
+
 def loss_precision(out: torch.Tensor) -> torch.Tensor:
     """Logits in at least float32 for the loss (autocast may give bf16/fp16; float64 stays)."""
     return out.to(torch.promote_types(out.dtype, torch.float32))
@@ -179,8 +184,7 @@ class Trainer:
         step = self.pos.step
         lr = self.schedule.set_step(step)
         if self.kfac is not None:
-            self.kfac.begin_step(step, micro_batches=len(group),
-                                 loss_scale=self.scaler.get_scale() if self.scaler.is_enabled() else 1.0)
+            self.kfac.begin_step(step, micro_batches=len(group), loss_scale=loss_scale(self.scaler))
         loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
         hits = torch.zeros((), device=self.device, dtype=torch.float64)
         for i, (x, y) in enumerate(group):

@@ -105,7 +105,7 @@ class ThreadComm(Comm):
         raise NotImplementedError("ThreadComm has no subgroups")
 
     def _new_duplicate(self) -> Comm:
-        return ThreadComm(self.world.duplicate(len(self._children)), self.rank, parent=self)
+        return ThreadComm(self.world.duplicate(len(self._duplicates)), self.rank, parent=self)
 
     def shutdown(self) -> None:
         pass

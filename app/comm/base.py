@@ -115,7 +115,7 @@ class Comm(ABC):
         self.counters: ByteCounters = parent.counters if parent is not None else ByteCounters()
         self._is_world = parent is None
         self._subgroups: dict[tuple[int, ...], Comm | None] = {tuple(range(size)): self}
-        self._children: list[Comm] = []  # duplicates, released with the world
+        self._duplicates: list[Comm] = []  # released with the world
 
     # ---- public API ------------------------------------------------------------------------
 
@@ -231,7 +231,7 @@ class Comm(ABC):
         if not self._is_world:
             raise CommError("duplicate: only the world communicator can be duplicated")
         dup = self._new_duplicate()
-        self._children.append(dup)
+        self._duplicates.append(dup)
         return dup
 
     @abstractmethod

@@ -90,7 +90,7 @@ class HorovodComm(Comm):
 
     def _new_duplicate(self) -> Comm:
         # Horovod pairs ops by name, not by order: a second name sequence is an independent channel.
-        return HorovodComm(self.device, self._ps, parent=self, channel=len(self._children) + 1)
+        return HorovodComm(self.device, self._ps, parent=self, channel=len(self._duplicates) + 1)
 
     def shutdown(self) -> None:
         if self._is_world and hvd.is_initialized():

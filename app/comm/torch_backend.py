@@ -89,13 +89,12 @@ class TorchComm(Comm):
             # Drop our references too: a process group still referenced from Python outlives
             # destroy_process_group, and its gloo worker threads then release tensors while the
             # interpreter finalises (an intermittent abort at exit). Released here, its destructor
-            # joins them now.
-            # Communicators handed out (a duplicate held by K-FAC) lose theirs as well.
-            for child in [*self._subgroups.values(), *self._children]:
+            # joins them now. Communicators handed out (a duplicate held by K-FAC) lose theirs too.
+            for child in [*self._subgroups.values(), *self._duplicates]:
                 if isinstance(child, TorchComm) and child is not self:
                     child._group = None
             self._subgroups = {}
-            self._children = []
+            self._duplicates = []
             dist.destroy_process_group()
             self._group = None
             gc.collect()
