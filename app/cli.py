@@ -168,7 +168,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         try:
             summary = train(cfg, world, comm, device)
             if comm.rank == 0:
-                print(summary.final_line(), flush=True)
+                print("\n".join(summary.lines()), flush=True)
         finally:
             comm.shutdown()
     return 0

@@ -4,12 +4,15 @@ machine-readable FINAL line that sweeps and job scripts parse."""
 from __future__ import annotations
 
 import csv
+import json
 import math
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, TextIO
+
+from app.checkpoint import _write_atomic as write_atomic  # app.storage.write_atomic once it lands
 
 #: Columns of metrics.csv; later features append theirs via ``extra_fields``.
 BASE_FIELDS = ("kind", "step", "epoch", "time_s", "loss", "top1", "top5", "lr",
@@ -17,8 +20,70 @@ BASE_FIELDS = ("kind", "step", "epoch", "time_s", "loss", "top1", "top5", "lr",
 
 
 @dataclass
+class KFACSummary:
+    """K-FAC's account of a run: how much of the every-layer-every-step work and traffic it did, and
+    who owned which layers, so a user sees what adaptive intervals and ownership bought."""
+
+    layers: int
+    steps: int
+    refreshes: int  # layer factor refreshes over the run
+    bytes_sent: int  # factor bytes one rank handed to the exchange over the run (0 in one process)
+    bytes_every_step: int  # what refreshing every layer at every one of those steps would have sent
+    interval_mean: float
+    interval_max: int
+    owned_layers: list[list[str]]  # per rank, at the end of the run
+    owned_bytes: list[int]  # per rank: the A/G factors it holds
+
+    MAX_RANKS = 8  # ranks listed one per line; the rest are counted
+    WIDTH = 120  # a rank's line is cut to this many characters
+
+    @property
+    def refresh_share(self) -> float:
+        """Refreshes as a share of refreshing every layer every step."""
+        return self.refreshes / max(self.layers * self.steps, 1)
+
+    @property
+    def traffic_share(self) -> float | None:
+        """Factor bytes as a share of refreshing every step; None without factor traffic (one process)."""
+        return self.bytes_sent / self.bytes_every_step if self.bytes_every_step else None
+
+    def lines(self) -> list[str]:
+        share = self.traffic_share
+        traffic = ("no factor traffic (one process)" if share is None else
+                   f"factor traffic {_mb(self.bytes_sent)} per rank = {share:.0%} of refreshing every step")
+        head = (f"K-FAC: {self.layers} layers, {self.refreshes:,} factor refreshes ({self.refresh_share:.0%} of "
+                f"refreshing every layer every step), {traffic}, mean interval {self.interval_mean:.1f} "
+                f"(max {self.interval_max})")
+        out = [head]
+        for rank, (names, size) in enumerate(zip(self.owned_layers[:self.MAX_RANKS], self.owned_bytes)):
+            out.append(_cut(f"K-FAC: rank {rank} owned {len(names)} layers (A/G factors {_mb(size)}): ", names,
+                            self.WIDTH))
+        if len(self.owned_layers) > self.MAX_RANKS:
+            out.append(f"K-FAC: ... {len(self.owned_layers) - self.MAX_RANKS} more ranks")
+        return out
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.1f} MB"
+
+
+def _cut(head: str, names: list[str], width: int) -> str:
+    """``head`` and as many of ``names`` as fit in ``width`` characters, then how many were left out."""
+    text = head + (", ".join(names) if names else "none")
+    if len(text) <= width:
+        return text
+    shown: list[str] = []
+    for name in names:
+        tail = f", ... ({len(names) - len(shown) - 1} more)"
+        if len(head + ", ".join(shown + [name]) + tail) > width:
+            break
+        shown.append(name)
+    return f"{head}{', '.join(shown)}, ... ({len(names) - len(shown)} more)"
+
+
+@dataclass
 class Summary:
-    """What a finished run reports; ``final_line`` is its stable text form."""
+    """What a finished run reports; ``final_line`` is its stable text form, ``lines`` all of it."""
 
     val_top1: float
     val_loss: float
@@ -27,11 +92,24 @@ class Summary:
     time_s: float
     img_per_s: float
     run_dir: Path
+    kfac: KFACSummary | None = None
 
     def final_line(self) -> str:
         return (f"FINAL val_top1={self.val_top1:.4f} val_loss={self.val_loss:.4f} "
                 f"epochs={self.epochs} steps={self.steps} time_s={self.time_s:.1f} "
                 f"img_per_s={self.img_per_s:.1f} run_dir={self.run_dir}")
+
+    def lines(self) -> list[str]:
+        """The end-of-run report; the FINAL line stays last (sweeps and job scripts parse it)."""
+        return (self.kfac.lines() if self.kfac is not None else []) + [self.final_line()]
+
+    def save(self, path: Path) -> None:
+        """``summary.json``: the FINAL fields and, for K-FAC runs, the K-FAC summary's numbers."""
+        data = {**asdict(self), "run_dir": str(self.run_dir)}
+        if self.kfac is not None:
+            data["kfac"].update(refresh_share=self.kfac.refresh_share, traffic_share=self.kfac.traffic_share)
+        text = json.dumps(data, indent=1).encode()
+        write_atomic(path, lambda f: f.write(text))
 
 
 def parse_final_line(line: str) -> dict[str, float | int | str]:

@@ -341,7 +341,13 @@ class Trainer:
 
 
 def train(cfg: Config, world: World, comm: Comm, device: torch.device) -> Summary:
-    """Run one training job; returns the summary that rank 0 prints as the FINAL line."""
+    """Run one training job; returns the summary that rank 0 prints (K-FAC lines, then the FINAL line)
+    and writes to ``summary.json``."""
     trainer = Trainer(cfg, world, comm, device)
     run_dir = make_run_dir(cfg, comm)
-    return trainer.run(run_dir)
+    summary = trainer.run(run_dir)
+    if trainer.kfac is not None:
+        summary.kfac = trainer.kfac.summary()
+    if comm.rank == 0:
+        summary.save(run_dir / "summary.json")
+    return summary

@@ -20,6 +20,7 @@ from app.kfac.fisher import sampled_losses
 from app.kfac.intervals import Clock, LayerTrace, diff
 from app.kfac.inverse import Retries
 from app.kfac.placement import Placement, imbalance, layer_cost, loads
+from app.metrics import KFACSummary
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +82,11 @@ class KFAC:
         self._counters = {"kfac_layers": 0, "kfac_factor_updates": 0, "kfac_inverse_updates": 0,
                           "kfac_nan_skips": 0, "kfac_fp64_retries": 0, "kfac_damping_retries": 0,
                           "kfac_due_layers": 0, "kfac_bytes_step": 0, "kfac_bytes_total": 0,
-                          "kfac_share_bytes_total": 0, "kfac_rebalances": 0}
+                          "kfac_share_bytes_total": 0, "kfac_rebalances": 0, "kfac_steps": 0,
+                          "kfac_layer_refreshes": 0, "kfac_bytes_every_step_total": 0}
+        # what one step's exchange sends when every layer is due: the yardstick of the traffic share
+        self._bytes_every_step = 0 if self.comm is None else sum(
+            packed_numel(layer.factor_slots) * (self._wire or layer.dtype).itemsize for layer in self._layers)
         self._kl_scale: Tensor | float = 1.0
         self._warned: set[str] = set()
         self._trace: LayerTrace | None = None
@@ -311,6 +316,9 @@ class KFAC:
         c["kfac_due_layers"] = sum(due)
         c["kfac_bytes_step"] = sent
         c["kfac_bytes_total"] += sent
+        c["kfac_steps"] += 1
+        c["kfac_layer_refreshes"] += sum(due)
+        c["kfac_bytes_every_step_total"] += self._bytes_every_step
 
     def _g_scale(self, layer: Layer) -> float:
         """Turns the captured output-gradient sums into G (see ``app.kfac.factors``)."""
@@ -362,7 +370,8 @@ class KFAC:
         """Counters and interval/placement summaries for logging; the keys are fixed from construction on.
 
         ``kfac_bytes_step``/``_total``: factor bytes this rank handed to the reduce-scatter (last
-        step / run); ``kfac_share_bytes_total``: inverse or gradient allgather bytes; ``kfac_diff_max``:
+        step / run), ``kfac_bytes_every_step_total`` what refreshing every layer every step would have
+        handed; ``kfac_layer_refreshes``: layer refreshes over the run; ``kfac_share_bytes_total``: inverse or gradient allgather bytes; ``kfac_diff_max``:
         the largest latest Diff over the layers (0 before any); ``kfac_owner_imbalance``: max/mean
         of the owners' expected cost.
         """
@@ -371,6 +380,19 @@ class KFAC:
                 "kfac_interval_mean": sum(intervals) / len(intervals), "kfac_interval_max": max(intervals),
                 "kfac_diff_max": self.clock.diff_max,
                 "kfac_owner_imbalance": imbalance(loads(self._costs(), self.placement.owners, self._size))}
+
+    def summary(self) -> KFACSummary:
+        """The run's refreshes, traffic and ownership for the end-of-run report (alike on every rank)."""
+        c = self._counters
+        names: list[list[str]] = [[] for _ in range(self._size)]
+        held = [0] * self._size
+        for layer, owner in zip(self._layers, self.placement.owners):
+            names[owner].append(layer.name)
+            held[owner] += sum(math.prod(s) for s in layer.factor_shapes) * layer.dtype.itemsize
+        return KFACSummary(layers=len(self._layers), steps=c["kfac_steps"], refreshes=c["kfac_layer_refreshes"],
+                           bytes_sent=c["kfac_bytes_total"], bytes_every_step=c["kfac_bytes_every_step_total"],
+                           interval_mean=sum(self.clock.intervals) / max(len(self._layers), 1),
+                           interval_max=max(self.clock.intervals, default=0), owned_layers=names, owned_bytes=held)
 
     def state_dict(self) -> dict[str, Any]:
         """The whole state, placement-independent: factors, previous factors and inverses of every
