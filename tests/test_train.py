@@ -128,6 +128,7 @@ def test_validation_counts_every_image_once_at_any_world_size() -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(960)  # ~2 min on 2 idle cores; run_mpi's 900 s limit ends it first, with the output
 def test_demo_reaches_its_accuracy_target(tmp_path: Path) -> None:
     """`make demo`'s job: distributed K-FAC with adaptive intervals on the bundled MNIST-5k with 2 ranks,
     >= 0.98 validation top-1, and the K-FAC summary (both ranks owning layers) just before the FINAL line."""
