@@ -62,6 +62,17 @@ def build_parser() -> argparse.ArgumentParser:
                        help="rank-0 log level (other ranks log warnings and errors only)")
     train.set_defaults(func=_cmd_train)
 
+    launch = sub.add_parser(
+        "launch", help="run mpirun/srun so that SIGTERM (scancel, qdel, preemption, kill) checkpoints the run",
+        description="Run a launcher command with SIGTERM kept from it: Open MPI's mpirun kills the ranks 0.5 s "
+        "after a TERM, before a checkpoint can be written. Each TERM (and USR2, Grid Engine's -notify) this "
+        "process receives is passed on as USR1, so every rank checkpoints and the job exits with 85; USR1, INT "
+        "and HUP are passed on unchanged. Exits with the launcher's status. Example: spngd launch mpirun -np 2 "
+        "spngd train --config configs/demo.yaml")
+    launch.add_argument("launcher", nargs=argparse.REMAINDER, metavar="COMMAND ...",
+                        help="the launcher and its arguments")
+    launch.set_defaults(func=_cmd_launch)
+
     check = sub.add_parser(
         "check", help="finite-difference check of the configured model's gradients",
         description="Compares autograd gradients of the configured model with central finite "
@@ -172,6 +183,15 @@ def _cmd_train(args: argparse.Namespace) -> int:
         finally:
             comm.shutdown()
     return 0
+
+
+def _cmd_launch(args: argparse.Namespace) -> int:
+    from app.preempt import LauncherError, run_launcher
+
+    try:
+        return run_launcher(args.launcher)
+    except LauncherError as exc:
+        raise UserError(str(exc)) from None
 
 
 def _cmd_check(args: argparse.Namespace) -> int:

@@ -1,0 +1,56 @@
+"""Turning "stop" signals into checkpoints: which signals mean it, and a launcher that survives them.
+
+Open MPI 5's mpirun answers SIGTERM (what ``scancel``, ``qdel`` and preemption deliver) by killing
+the ranks about 0.5 s later, whatever they do with it, and exiting 1: far too soon to write a
+ResNet-50 checkpoint, and no MCA parameter lengthens it. ``run_launcher`` therefore starts the
+launcher with SIGTERM blocked (a blocked signal stays pending, so its own handler never runs; the
+ranks it starts get an empty mask) and, from its own process, turns each TERM it receives into the
+USR1 that mpirun and srun pass on unchanged. Stdlib only: it stays resident for the whole job.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+from collections.abc import Sequence
+from types import FrameType
+
+#: Signals after which every rank checkpoints and exits with 85: USR1 (walltime warnings), TERM
+#: (scancel, qdel on PBS, preemption) and USR2 (Grid Engine's ``-notify`` warning before qdel kills).
+STOP_SIGNALS = frozenset({signal.SIGUSR1, signal.SIGTERM, signal.SIGUSR2})
+
+#: Passed on unchanged, so that Ctrl-C or a hang-up stops the launcher as it would without us.
+_PASSED = frozenset({signal.SIGINT, signal.SIGHUP})
+
+
+class LauncherError(RuntimeError):
+    """The launcher command cannot be started; the message is one line."""
+
+
+def run_launcher(argv: Sequence[str]) -> int:
+    """Run ``argv`` (e.g. ``mpirun -np 4 spngd train ...``) with SIGTERM kept from it; return its
+    exit status (128 + N when a signal N ended it, as a shell reports it)."""
+    if not argv:
+        raise LauncherError("spngd launch needs a command, e.g. spngd launch mpirun -np 2 spngd train ...")
+    handled = STOP_SIGNALS | _PASSED
+    # Block what we handle until the handlers are in place, so that nothing arriving meanwhile kills
+    # this process; the launcher itself starts with exactly SIGTERM added to our original mask.
+    outer = signal.pthread_sigmask(signal.SIG_BLOCK, handled)
+    try:
+        child = subprocess.Popen(list(argv), preexec_fn=lambda: signal.pthread_sigmask(
+            signal.SIG_SETMASK, outer | {signal.SIGTERM}))
+    except OSError as exc:
+        signal.pthread_sigmask(signal.SIG_SETMASK, outer)
+        raise LauncherError(f"cannot start {argv[0]!r}: {exc.strerror}") from None
+
+    def forward(signum: int, _frame: FrameType | None) -> None:
+        child.send_signal(signal.SIGUSR1 if signum in STOP_SIGNALS else signum)  # no-op once it has exited
+
+    previous = {sig: signal.signal(sig, forward) for sig in handled}
+    signal.pthread_sigmask(signal.SIG_SETMASK, outer)
+    try:
+        status = child.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return status if status >= 0 else 128 - status
