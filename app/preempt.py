@@ -27,29 +27,39 @@ class LauncherError(RuntimeError):
     """The launcher command cannot be started; the message is one line."""
 
 
+class _Relay:
+    """Signal handler: stop signals go on to the launcher as USR1, the others unchanged; any that
+    arrive before the launcher exists are kept and passed on once it does."""
+
+    def __init__(self) -> None:
+        self.child: subprocess.Popen[bytes] | None = None
+        self.early: list[int] = []
+
+    def __call__(self, signum: int, _frame: FrameType | None) -> None:
+        if self.child is None:
+            self.early.append(signum)
+        else:  # a no-op once the launcher has exited
+            self.child.send_signal(signal.SIGUSR1 if signum in STOP_SIGNALS else signum)
+
+
 def run_launcher(argv: Sequence[str]) -> int:
     """Run ``argv`` (e.g. ``mpirun -np 4 spngd train ...``) with SIGTERM kept from it; return its
     exit status (128 + N when a signal N ended it, as a shell reports it)."""
     if not argv:
         raise LauncherError("spngd launch needs a command, e.g. spngd launch mpirun -np 2 spngd train ...")
-    handled = STOP_SIGNALS | _PASSED
-    # Block what we handle until the handlers are in place, so that nothing arriving meanwhile kills
-    # this process; the launcher itself starts with exactly SIGTERM added to our original mask.
-    outer = signal.pthread_sigmask(signal.SIG_BLOCK, handled)
+    relay = _Relay()
+    previous = {sig: signal.signal(sig, relay) for sig in STOP_SIGNALS | _PASSED}
     try:
-        child = subprocess.Popen(list(argv), preexec_fn=lambda: signal.pthread_sigmask(
-            signal.SIG_SETMASK, outer | {signal.SIGTERM}))
-    except OSError as exc:
-        signal.pthread_sigmask(signal.SIG_SETMASK, outer)
-        raise LauncherError(f"cannot start {argv[0]!r}: {exc.strerror}") from None
-
-    def forward(signum: int, _frame: FrameType | None) -> None:
-        child.send_signal(signal.SIGUSR1 if signum in STOP_SIGNALS else signum)  # no-op once it has exited
-
-    previous = {sig: signal.signal(sig, forward) for sig in handled}
-    signal.pthread_sigmask(signal.SIG_SETMASK, outer)
-    try:
-        status = child.wait()
+        outer = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # inherited by the launcher
+        try:
+            relay.child = subprocess.Popen(list(argv))
+        except OSError as exc:
+            raise LauncherError(f"cannot start {argv[0]!r}: {exc.strerror}") from None
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, outer)  # a TERM that came meanwhile arrives now
+        for signum in relay.early:
+            relay(signum, None)
+        status = relay.child.wait()
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
