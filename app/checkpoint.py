@@ -122,7 +122,7 @@ class StopSignal:
     def __init__(self) -> None:
         self.received: int | None = None
         self._previous: dict[int, Any] = {}
-        self._mask: set[signal.Signals] | None = None
+        self._mask: set[int | signal.Signals] | None = None
 
     def install(self) -> None:
         for sig in STOP_SIGNALS:
