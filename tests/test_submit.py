@@ -4,7 +4,6 @@ SLURM and Grid Engine runs (tests/schedulers.py brings the daemons up)."""
 
 from __future__ import annotations
 
-import argparse
 import csv
 import os
 import re
@@ -24,9 +23,9 @@ import yaml
 
 from app import config as config_mod
 from app.checkpoint import REQUEUE_EXIT
-from app.cli import build_parser, main
+from app.cli import build_parser, fill, main
 from app.config import ConfigError
-from app.submit import build_job, render, schedulers
+from app.submit import Request, build_job, render, schedulers
 from app.submit import sweep as sweep_mod
 
 if TYPE_CHECKING:
@@ -42,8 +41,8 @@ NOW = datetime(2026, 11, 22, 12, 0, 0)
 SYSTEMS = render.available_systems()
 
 
-def _args(*argv: str) -> argparse.Namespace:
-    return build_parser().parse_args(["submit", *argv])
+def _args(*argv: str) -> Request:
+    return fill(Request, build_parser().parse_args(["submit", *argv]))
 
 
 def _render(argv: list[str], workdir: Path = WORKDIR, python_bin: Path = WORKDIR / ".venv/bin") -> tuple[
@@ -559,7 +558,8 @@ def test_slurm_usr1_checkpoint_requeue_resume_same_weights(slurm_cluster: SlurmC
 def test_slurm_array_sweep_and_report(slurm_cluster: SlurmCluster, e2e_dir: Path) -> None:
     t0 = time.monotonic()
     job_id = _spngd(e2e_dir, "submit", "--system", "local-slurm", "--nodes", "1", "--config",
-                    str(REPO / "configs/smoke.yaml"), "--sweep", str(REPO / "configs/sweeps/demo_lr.yaml"), "--trials", "3")
+                    str(REPO / "configs/smoke.yaml"), "--sweep", str(REPO / "configs/sweeps/demo_lr.yaml"),
+                    "--trials", "3")
     slurm_cluster.wait_gone([job_id], timeout=300)
     (sweep_dir,) = (e2e_dir / "runs").glob("demo-lr-*")
     sweep = sweep_mod.load_sweep(sweep_dir / "sweep.yaml")
