@@ -12,6 +12,16 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 APP = REPO / "app"
 CLI_LAYER = {"app.cli", "app.__main__"}
+# Bottom to top, as in docs/architecture.md: a module may import its own layer and those below it.
+LAYERS = (
+    ("app.errors",),
+    ("app.config", "app.checkpoint"),
+    ("app.comm",),
+    ("app.launch", "app.kfac", "app.data", "app.models", "app.optim", "app.metrics"),
+    ("app.train",),
+    ("app.bench", "app.submit", "app.gradcheck"),
+    tuple(CLI_LAYER),
+)
 # print() below the CLI, each with why it is not a user-facing message that belongs in the CLI.
 PRINT_ALLOWED = {
     "app.launch": "a failing rank's one line just before MPI_Abort, on plain stderr whatever logging is set to",
@@ -58,6 +68,11 @@ def _imports(tree: ast.AST) -> set[str]:
     return names
 
 
+def _layer(module: str) -> int:
+    """The layer of a module (a package's submodules are in the package's layer)."""
+    return next(i for i, layer in enumerate(LAYERS) for top in layer if module == top or module.startswith(top + "."))
+
+
 def _calls_print(tree: ast.AST) -> bool:
     return any(isinstance(n, ast.Call) and isinstance(n.func, ast.Name) and n.func.id == "print"
                for n in ast.walk(tree))
@@ -90,6 +105,20 @@ def test_command_line_code_only_in_the_cli_layer() -> None:
         if _calls_print(tree) != (name in PRINT_ALLOWED):
             offenders.append(f"{name} {'calls' if name not in PRINT_ALLOWED else 'no longer calls'} print()")
     assert not offenders, offenders
+
+
+def test_imports_point_down_the_layers() -> None:
+    modules = _modules()
+    upward = []
+    for name, path in modules.items():
+        if name == "app":
+            continue
+        for imported in _imports(ast.parse(path.read_text(), str(path))):
+            target = max((m for m in modules if m != "app" and (imported == m or imported.startswith(m + "."))),
+                         key=len, default=None)
+            if target is not None and _layer(target) > _layer(name):
+                upward.append(f"{name} imports {target}")
+    assert not upward, sorted(set(upward))
 
 
 def test_errors_module_stands_on_nothing_of_ours() -> None:

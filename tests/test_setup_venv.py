@@ -72,3 +72,34 @@ def test_installed_extras_are_kept_and_nothing_is_reinstalled_without_cause(tmp_
     assert _setup(venv, "") == [".[test]"]  # no change: the step is skipped (the call log is unchanged)
     assert _setup(venv, "dali") == [".[test]", ".[dali,test]"]  # a new extra: installed with the old ones
     assert (venv / ".stamps" / "app").read_text().split() == ["dali", "test"]
+
+
+def _fake_make(root: Path, fail: str = "") -> Path:
+    """A ``make`` that records its targets and fails on ``fail``."""
+    bin_dir = root / "bin"
+    bin_dir.mkdir()
+    make = bin_dir / "make"
+    make.write_text(f'#!/bin/sh\necho "$*" >> "{root}/targets"\n[ "$1" != "{fail}" ]\n')
+    make.chmod(0o755)
+    return bin_dir
+
+
+def test_ci_runs_the_readme_commands_in_order_and_stops_on_failure(tmp_path: Path) -> None:
+    for fail, code, targets in [("", 0, ["demo", "test"]), ("demo", 1, ["demo"]), ("test", 1, ["demo", "test"])]:
+        root = tmp_path / (fail or "pass")
+        root.mkdir()
+        env = {**os.environ, "PATH": f"{_fake_make(root, fail)}{os.pathsep}{os.environ['PATH']}"}
+        res = subprocess.run(["bash", str(REPO / ".ci" / "run")], env=env, capture_output=True, text=True,
+                             timeout=60, check=False)
+        assert res.returncode == code, res.stderr
+        assert (root / "targets").read_text().split() == targets
+
+
+def test_make_test_runs_the_lint_gate_before_any_test() -> None:
+    res = subprocess.run(["make", "-n", "test"], cwd=REPO, capture_output=True, text=True, timeout=60, check=False)
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.splitlines()
+    ruff = next(i for i, line in enumerate(lines) if "-m ruff check app tests experiments" in line)
+    mypy = next(i for i, line in enumerate(lines) if line.endswith("-m mypy"))
+    pytest_line = next(i for i, line in enumerate(lines) if "-m pytest" in line)
+    assert ruff < pytest_line and mypy < pytest_line
