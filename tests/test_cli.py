@@ -58,6 +58,17 @@ def test_check_command_reports_every_tensor() -> None:
     assert all("max_rel_err=" in line for line in lines)
 
 
+def test_comm_bench_command_prints_its_table_and_one_line_errors() -> None:
+    res = _spngd("comm-bench", "--backend", "torch", "--device", "cpu", "--sizes", "4K", "--iters", "1")
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.strip().splitlines()
+    assert lines[0].startswith("comm bench: backend=TorchComm ranks=1 device=cpu iters=1")
+    assert any(line.split()[:3] == ["allreduce", "4", "KiB"] for line in lines), res.stdout
+    bad = _spngd("comm-bench", "--sizes", "4Q")
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].endswith(
+        "argument --sizes: size '4Q' is not like 4K, 1M or 16M")
+
+
 # MPICH's Hydra environment with MPI_LOCALNRANKS missing, built from Open MPI's per rank: the global rank
 # is fine, the node-local layout is not, so discovery fails alike on every rank (issue 10, finding 11).
 _BROKEN_MPICH = """#!/bin/sh
