@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shlex
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -103,3 +104,18 @@ def test_make_test_runs_the_lint_gate_before_any_test() -> None:
     mypy = next(i for i, line in enumerate(lines) if line.endswith("-m mypy"))
     pytest_line = next(i for i, line in enumerate(lines) if "-m pytest" in line)
     assert ruff < pytest_line and mypy < pytest_line
+
+
+def test_lint_gate_settings_reject_new_errors(tmp_path: Path) -> None:
+    """The pinned settings in pyproject.toml catch what the project forbids (so weakening them fails here)."""
+    bad = tmp_path / "bad.py"
+    bad.write_text("import os\n\n\ndef f(x):\n    return x + '" + "y" * 120 + "'\n")
+    bin_dir = Path(sys.executable).parent
+    ruff = subprocess.run([str(bin_dir / "ruff"), "check", "--config", str(REPO / "pyproject.toml"), "--no-cache",
+                           "--output-format", "concise", str(bad)], capture_output=True, text=True, timeout=60,
+                          check=False)
+    assert ruff.returncode == 1 and "F401" in ruff.stdout and "E501" in ruff.stdout, ruff.stdout + ruff.stderr
+    mypy = subprocess.run([sys.executable, "-m", "mypy", "--config-file", str(REPO / "pyproject.toml"),
+                           "--cache-dir", str(tmp_path / "cache"), str(bad)], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120, check=False)
+    assert mypy.returncode == 1 and "Function is missing a type annotation" in mypy.stdout, mypy.stdout
