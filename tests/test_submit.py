@@ -246,6 +246,27 @@ def test_dry_run_prints_the_script_and_writes_nothing(in_repo: None, capsys: pyt
     assert out.startswith("#!/bin/bash\n#PBS -N spngd-rn50\n") and not (REPO / "runs" / "rn50").exists()
 
 
+def test_submit_writes_script_and_sweep_then_prints_the_job_id(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """Without --dry-run, through a stand-in sbatch that records its arguments."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "sbatch").write_text('#!/bin/sh\necho "$*" > "$(dirname "$0")/argv"\necho "4242;cluster"\n')
+    (bin_dir / "sbatch").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.chdir(tmp_path)
+    assert main(["submit", "--system", "slurm-v100", "--nodes", "1", "--config", str(REPO / "configs/smoke.yaml"),
+                 "--sweep", str(REPO / "configs/sweeps/demo_lr.yaml"), "--trials", "2"]) == 0
+    out, err = capsys.readouterr()
+    (run_dir,) = (tmp_path / "runs").glob("demo-lr-*")
+    script = run_dir / "sweep-slurm-v100.sh"
+    assert out == "4242\n" and err.startswith(f"spngd: submitted {script} to slurm-v100; logs in {run_dir}/logs/")
+    assert err.rstrip().endswith(f"report with: spngd sweep-report {run_dir}")
+    assert script.read_text().startswith("#!/bin/bash") and script.stat().st_mode & 0o111
+    assert sweep_mod.load_sweep(str(run_dir / sweep_mod.SPEC_NAME)).trials == 2 and (run_dir / "logs").is_dir()
+    assert (bin_dir / "argv").read_text().split() == ["--parsable", "--array=1-2", str(script)]
+
+
 # -- the checkpoint-and-run-again protocol, with stand-ins for mpirun, spngd and qsub ---------------
 
 _STUBS = {
