@@ -15,16 +15,14 @@ import subprocess
 from collections.abc import Sequence
 from types import FrameType
 
+from app.errors import LaunchError
+
 #: Signals after which every rank checkpoints and exits with 85: USR1 (walltime warnings), TERM
 #: (scancel, qdel on PBS, preemption) and USR2 (Grid Engine's ``-notify`` warning before qdel kills).
 STOP_SIGNALS = frozenset({signal.SIGUSR1, signal.SIGTERM, signal.SIGUSR2})
 
 #: Passed on unchanged, so that Ctrl-C or a hang-up stops the launcher as it would without us.
 _PASSED = frozenset({signal.SIGINT, signal.SIGHUP})
-
-
-class LauncherError(RuntimeError):
-    """The launcher command cannot be started; the message is one line."""
 
 
 class _Relay:
@@ -46,7 +44,7 @@ def run_launcher(argv: Sequence[str]) -> int:
     """Run ``argv`` (e.g. ``mpirun -np 4 spngd train ...``) with SIGTERM kept from it; return its
     exit status (128 + N when a signal N ended it, as a shell reports it)."""
     if not argv:
-        raise LauncherError("spngd launch needs a command, e.g. spngd launch mpirun -np 2 spngd train ...")
+        raise LaunchError("spngd launch needs a command, e.g. spngd launch mpirun -np 2 spngd train ...")
     relay = _Relay()
     previous = {sig: signal.signal(sig, relay) for sig in STOP_SIGNALS | _PASSED}
     try:
@@ -54,7 +52,7 @@ def run_launcher(argv: Sequence[str]) -> int:
         try:
             relay.child = subprocess.Popen(list(argv))
         except OSError as exc:
-            raise LauncherError(f"cannot start {argv[0]!r}: {exc.strerror}") from None
+            raise LaunchError(f"cannot start {argv[0]!r}: {exc.strerror}") from None
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, outer)  # a TERM that came meanwhile arrives now
         for signum in relay.early:

@@ -166,7 +166,8 @@ PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP OverSu
         if "slurm" in self.started:
             _run(["scontrol", "shutdown"], check=False)
             pids = [_pid_from(Path(f"/run/{d}.pid")) for d in ("slurmctld", "slurmd")]
-            wait_for("SLURM daemons to exit", lambda: not any(Path(f"/proc/{p}").exists() for p in pids if p), timeout=30)
+            wait_for("SLURM daemons to exit", lambda: not any(Path(f"/proc/{p}").exists() for p in pids if p),
+                     timeout=30)
         if "munge" in self.started:
             _stop_pid(self.munge_pid)
 

@@ -182,8 +182,8 @@ def test_term_to_spngd_launch_checkpoints_resnet18_and_the_run_resumes(tmp_path:
 
 def _submit(tmp_path: Path, system: str, name: str, env: dict[str, str]) -> tuple[str, Path]:
     res = subprocess.run([SPNGD, "submit", "--system", system, "--nodes", "1", "--config", str(_config(tmp_path)),
-                          "--set", f"output.name={name}"], check=False, cwd=tmp_path, env=env, capture_output=True, text=True,
-                         timeout=120)
+                          "--set", f"output.name={name}"], check=False, cwd=tmp_path, env=env, capture_output=True,
+                         text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     return res.stdout.strip(), tmp_path / "runs" / name
 
