@@ -238,7 +238,7 @@ class Trainer:
         an interrupted run (checkpoint at the signal) and an uninterrupted one sync at the same
         steps and stay bitwise equal (checkpoints keep each rank's own statistics). The running
         averages are linear, so syncing does not change where they go, only the rounding. Cost: one
-        fused allreduce of 2 floats per BN channel per validation (ResNet-50: 0.4 MB in fp32).
+        fused allreduce of 2 floats per BN channel per validation (ResNet-50: 53k floats, 0.2 MB).
         """
         if self.comm.size > 1 and self.bn_stats:
             self.comm.grouped_allreduce(list(self.bn_stats.values()), op="avg", name="batchnorm")
