@@ -126,7 +126,7 @@ class Trainer:
         # Per-rank global stream, checkpointed, for model code that draws from it (dropout); the loaders
         # and K-FAC's mc labels draw from generators of their own, so nothing else shifts it.
         torch.manual_seed(cfg.train.seed * 100_003 + comm.rank + 1)
-        self.bn_stats = _running_stats(self.model)
+        self._bn_stats = _running_stats(self.model)
         self.pos = _Position()
 
     # -- state -----------------------------------------------------------------------------
@@ -137,10 +137,10 @@ class Trainer:
         rng = self.comm.allgather(torch.get_rng_state().to(self.device)[None], name="checkpoint")
         model = self.model.state_dict()
         bn: list[torch.Tensor] = []
-        if self.bn_stats:
-            flat = torch.cat([t.reshape(-1) for t in self.bn_stats.values()])
+        if self._bn_stats:
+            flat = torch.cat([t.reshape(-1) for t in self._bn_stats.values()])
             bn = [r[0].cpu() for r in self.comm.allgather(flat[None], name="checkpoint")]
-            model.update(_unflatten(torch.stack(bn).mean(0), self.bn_stats))
+            model.update(_unflatten(torch.stack(bn).mean(0), self._bn_stats))
         return {
             "step": self.pos.step,
             "world_size": self.comm.size,
@@ -163,8 +163,8 @@ class Trainer:
         self.model.load_state_dict(state["model"])
         if same_size and state.get("batchnorm"):  # absent in checkpoints written before it was saved
             with torch.no_grad():
-                for key, value in _unflatten(state["batchnorm"][self.comm.rank], self.bn_stats).items():
-                    self.bn_stats[key].copy_(value)
+                for key, value in _unflatten(state["batchnorm"][self.comm.rank], self._bn_stats).items():
+                    self._bn_stats[key].copy_(value)
         self.optimizer.load_state_dict(state["optimizer"])
         self.schedule.load_state_dict(state["schedule"])
         self.scaler.load_state_dict(state["scaler"])
@@ -240,8 +240,8 @@ class Trainer:
         averages are linear, so syncing does not change where they go, only the rounding. Cost: one
         fused allreduce of 2 floats per BN channel per validation (ResNet-50: 53k floats, 0.2 MB).
         """
-        if self.comm.size > 1 and self.bn_stats:
-            self.comm.grouped_allreduce(list(self.bn_stats.values()), op="avg", name="batchnorm")
+        if self.comm.size > 1 and self._bn_stats:
+            self.comm.grouped_allreduce(list(self._bn_stats.values()), op="avg", name="batchnorm")
 
     def validate(self) -> tuple[float, float, float]:
         """(loss, top-1, top-5) over the whole validation set, each image counted once, with the
