@@ -260,8 +260,8 @@ class Trainer:
                 totals += torch.stack([loss.double(), top1.double(), top5.double(), count.double()])
         self.comm.allreduce(totals, op="sum", name="validation")
         self.model.train()
-        n = max(totals[3].item(), 1.0)
-        return totals[0].item() / n, totals[1].item() / n, totals[2].item() / n
+        images = max(totals[3].item(), 1.0)
+        return totals[0].item() / images, totals[1].item() / images, totals[2].item() / images
 
     def _val_due(self, step: int) -> bool:
         every = self.cfg.train.val_every
