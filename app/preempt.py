@@ -25,6 +25,14 @@ STOP_SIGNALS = frozenset({signal.SIGUSR1, signal.SIGTERM, signal.SIGUSR2})
 _PASSED = frozenset({signal.SIGINT, signal.SIGHUP})
 
 
+def leave_stop_signals_to_the_rank(_worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: workers ignore the stop signals. scancel signals every process
+    of the job, and torch makes a worker die of TERM, which fails its rank before it can checkpoint;
+    the rank stops its workers itself once it has saved."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+
+
 class _Relay:
     """Signal handler: stop signals go on to the launcher as USR1, the others unchanged; any that
     arrive before the launcher exists are kept and passed on once it does."""

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 import yaml
-from mpi_helpers import VENV_BIN, mpi_env, mpi_skip_reason
+from mpi_helpers import REPO, VENV_BIN, mpi_env, mpi_skip_reason
 
 from app.checkpoint import REQUEUE_EXIT, Checkpointer
 
@@ -94,6 +94,28 @@ def test_launch_reports_a_signal_death_like_a_shell_and_bad_commands_in_one_line
         res = subprocess.run([SPNGD, "launch", *argv], check=False, env=mpi_env(None), capture_output=True, text=True,
                              timeout=60)
         assert res.returncode == 2 and res.stderr.count("\n") == 1 and message in res.stderr, res.stderr
+
+
+def test_term_to_every_process_spares_the_loader_workers(tmp_path: Path) -> None:
+    """scancel signals every process of the job, DataLoader workers included; torch makes a worker
+    die of TERM, which used to fail the rank (rc 1, no checkpoint) instead of checkpointing."""
+    run_dir = tmp_path / "w"
+    proc = subprocess.Popen([SPNGD, "train", "--config", str(REPO / "configs/smoke.yaml"), "--set", "data.workers=2",
+                             "--set", "train.max_steps=100000", "--set", "train.log_every=1", "--set",
+                             f"output.dir={tmp_path}", "--set", "output.name=w", "--set", "output.plot=false"],
+                            env=mpi_env(None), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        _wait_for("training to start", lambda: _training(run_dir) or proc.poll() is not None, timeout=120)
+        workers = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+        assert len(workers) >= 2, workers
+        for pid in [proc.pid, *map(int, workers)]:
+            os.kill(pid, signal.SIGTERM)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == REQUEUE_EXIT and "checkpoint written at step" in out, out[-3000:]
 
 
 def test_kill_during_a_checkpoint_write_keeps_the_previous_one(tmp_path: Path) -> None:

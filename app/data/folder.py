@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from app.config import DataConfig
 from app.data.common import PAD, DataError, PlannedLoader, ShardPlan, Split, candidates, normalise
+from app.preempt import leave_stop_signals_to_the_rank
 
 _LOG_RATIO = (math.log(3 / 4), math.log(4 / 3))
 
@@ -145,7 +146,8 @@ class FolderLoader(PlannedLoader):
         self._loader = DataLoader(_Images(split, transform), batch_sampler=self._batches,
                                   num_workers=cfg.workers, collate_fn=_collate,
                                   pin_memory=device.type == "cuda", persistent_workers=cfg.workers > 0,
-                                  generator=torch.Generator().manual_seed(seed))
+                                  generator=torch.Generator().manual_seed(seed),
+                                  worker_init_fn=leave_stop_signals_to_the_rank)
 
     def _iterate(self, epoch: int, start_batch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         self._batches.select(epoch, start_batch)
