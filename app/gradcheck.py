@@ -36,8 +36,12 @@ TENSOR_FLOOR = 1e-3
 gradient: the round-off of a difference (~1e-16 |L| / step) swamps coordinates a million times
 smaller than their neighbours, while a wrong backward shows on the large ones."""
 PROBE_IMAGE_SIZE = 64
-"""``check_config`` probes at most this image size: the same operators, without 224 px float64
-forwards of ResNet-50 (minutes per tensor on a CPU)."""
+"""``check_config`` probes at most this image size: the same operators without 224 px float64
+forwards, and still 2x2 pixels in the last stage of an ImageNet ResNet (32x down-sampling), so its
+BatchNorm normalises more than the 2 values of a 1x1 map (a degenerate, nearly flat function)."""
+COORDINATES = 256
+"""``check_config`` perturbs about this many coordinates in all (at least one per tensor): two
+forwards each, a fixed cost whatever the depth (ResNet-50: 161 tensors, one each)."""
 
 
 @dataclass(frozen=True)
@@ -151,11 +155,20 @@ def _sample(p: Tensor, gen: torch.Generator, n: int) -> Iterator[tuple[int, ...]
     return zip(*(c.tolist() for c in torch.unravel_index(picks, p.shape)), strict=True)
 
 
-def check_config(cfg: Config, batch: int, max_per_tensor: int = 8) -> tuple[dict[str, TensorCheck], int]:
+@dataclass(frozen=True)
+class Probe:
+    """What ``check_config`` ran: the image size and the coordinates sampled per tensor."""
+
+    image_size: int
+    per_tensor: int
+
+
+def check_config(cfg: Config, batch: int, max_per_tensor: int = 8) -> tuple[dict[str, TensorCheck], Probe]:
     """``spngd check``: the configured model (classes from ``model.num_classes``, else 10) on a
-    seeded random batch at ``data.image_size``, capped at ``PROBE_IMAGE_SIZE``; returns the verdicts
-    and the image size probed. Backprop correctness does not depend on the data, and a random
-    probe needs no dataset on the machine that runs the check.
+    seeded random batch at ``data.image_size`` capped at ``PROBE_IMAGE_SIZE``, with up to
+    ``max_per_tensor`` coordinates per tensor and about ``COORDINATES`` in all. Backprop
+    correctness does not depend on the data, and a random probe needs no dataset on the machine
+    that runs the check.
 
     Zero-init of the residual BN gammas is turned off for the probe: with gamma = beta = 0 a block
     adds exact zeros to ReLU outputs that are exactly 0, which puts the next ReLU on its kink for
@@ -171,4 +184,5 @@ def check_config(cfg: Config, batch: int, max_per_tensor: int = 8) -> tuple[dict
     x = torch.randn(batch, 3, size, size, generator=gen)
     y = torch.randint(0, classes, (batch,), generator=gen)
     criterion = build_criterion(cfg.optim)
-    return check_gradients(model, criterion, x, y, max_per_tensor=max_per_tensor), size
+    per_tensor = max(1, min(max_per_tensor, COORDINATES // sum(1 for _ in model.parameters())))
+    return check_gradients(model, criterion, x, y, max_per_tensor=per_tensor), Probe(size, per_tensor)
