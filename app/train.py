@@ -229,8 +229,8 @@ class Trainer:
         self.comm.allreduce(totals, op="sum", name="validation")
         self.skipped_images["val"] = round(totals[4].item())
         self.model.train()
-        n = max(totals[3].item(), 1.0)
-        return totals[0].item() / n, totals[1].item() / n, totals[2].item() / n
+        images = max(totals[3].item(), 1.0)
+        return totals[0].item() / images, totals[1].item() / images, totals[2].item() / images
 
     def _val_due(self, step: int) -> bool:
         every = self.cfg.train.val_every
