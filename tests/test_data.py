@@ -21,9 +21,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
 from mpi_helpers import REPO, run_mpi, skip_unless_runnable
+from PIL import Image
 
 from app.config import Config, load
 from app.data import PAD, DataError, build_loaders, bundled
