@@ -70,7 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
         "check", help="finite-difference check of the configured model's gradients",
         description="Compares autograd gradients of the configured model with central finite "
         "differences in float64 on a small random batch (images of at most 64 px) and prints the "
-        "maximum relative error per parameter tensor. Coordinates whose +/- step crosses a ReLU or "
+        "maximum relative error per parameter tensor (the disagreement beyond the difference's float64 "
+        "round-off; 0 = none). Coordinates whose +/- step crosses a ReLU or "
         "max-pool kink (where a difference mixes two slopes) are retried at smaller steps, then "
         "skipped and counted; a tensor left with no checkable coordinate is named as unchecked.")
     _add_config_args(check)
