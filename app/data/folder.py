@@ -23,7 +23,7 @@ _LOG_RATIO = (math.log(3 / 4), math.log(4 / 3))
 
 Box = tuple[float, float, float, float]
 Item = tuple[int, int]  # (dataset index or PAD, epoch)
-Failures = tuple[tuple[str, str], ...]  # (path, reason) of unreadable files met filling one slot
+Failures = tuple[tuple[int, str], ...]  # (index, reason) of unreadable files met filling one slot
 Sample = tuple[torch.Tensor, int, Failures]
 
 
@@ -94,17 +94,19 @@ class _Images(Dataset[Sample]):
         index, epoch = item
         if index == PAD:
             return self._blank(), PAD, ()
-        skipped: list[tuple[str, str]] = []
+        skipped: list[tuple[int, str]] = []
         for j in candidates(index, len(self.split)):
-            path = self.split.path(j)
-            try:
-                image = self.transform(path, index, epoch)
-            except Exception as exc:  # any decoder failure of one file must not end a run
-                skipped.append((path, f"{type(exc).__name__}: {exc}"))
-                if not self.transform.train:
-                    return self._blank(), PAD, tuple(skipped)
-                continue
-            return image, int(self.split.labels[j]), tuple(skipped)
+            reason = self.split.unreadable.get(j)  # not a file: never opened (a FIFO would block)
+            if reason is None:
+                try:
+                    image = self.transform(self.split.path(j), index, epoch)
+                except Exception as exc:  # noqa: BLE001 - any decoder failure of one file must not end a run
+                    reason = f"{type(exc).__name__}: {exc}"
+                else:
+                    return image, int(self.split.labels[j]), tuple(skipped)
+            skipped.append((j, reason))
+            if not self.transform.train:
+                return self._blank(), PAD, tuple(skipped)
         raise DataError(f"data: no readable image in '{self.split.root}'")
 
 
@@ -137,7 +139,7 @@ class FolderLoader(PlannedLoader):
 
     def __init__(self, split: Split, plan: ShardPlan, cfg: DataConfig, device: torch.device,
                  seed: int) -> None:
-        super().__init__(plan, device)
+        super().__init__(split, plan, device)
         self._batches = _PlanBatches(plan)
         transform = _Transform(cfg.image_size, plan.train, cfg.min_crop_area, cfg.random_mirror,
                                cfg.val_resize, seed)
