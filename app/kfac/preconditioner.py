@@ -378,9 +378,9 @@ class KFAC:
 
         ``kfac_bytes_step``/``_total``: factor bytes this rank handed to the reduce-scatter (last
         step / run), ``kfac_bytes_every_step_total`` what refreshing every layer every step would have
-        handed; ``kfac_layer_refreshes``: layer refreshes over the run; ``kfac_share_bytes_total``: inverse or gradient allgather bytes; ``kfac_diff_max``:
-        the largest latest Diff over the layers (0 before any); ``kfac_owner_imbalance``: max/mean
-        of the owners' expected cost.
+        handed; ``kfac_layer_refreshes``: layer refreshes over the run; ``kfac_share_bytes_total``:
+        inverse or gradient allgather bytes; ``kfac_diff_max``: the largest latest Diff over the layers
+        (0 before any); ``kfac_owner_imbalance``: max/mean of the owners' expected cost.
         """
         intervals = self.clock.intervals or [0]
         return {**self._counters, "kfac_kl_scale": float(self._kl_scale),
