@@ -160,6 +160,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     world = launch.discover()
     _setup_logging(world.rank, args.log_level)
     cfg = config_mod.load(args.config, overrides)  # validated before any collective starts
+    config_mod.check_output(cfg)
     with launch.abort_on_error(world, passthrough=_user_error_types()):
         device = launch.select_device(world, cfg.train.device)
         comm = launch.init_comm(world, cfg.comm, device)
