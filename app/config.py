@@ -330,8 +330,8 @@ def _read_yaml(p: Path) -> dict[str, Any]:
     except OSError as exc:
         raise ConfigError(f"config: cannot read {p}: {exc.strerror}") from None
     except UnicodeDecodeError as exc:
-        line = exc.object[: exc.start].count(b"\n") + 1
-        raise ConfigError(f"config: {p} is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} on line {line})") from None
+        line, byte = exc.object[: exc.start].count(b"\n") + 1, exc.object[exc.start]
+        raise ConfigError(f"config: {p} is not UTF-8 text (byte 0x{byte:02x} on line {line})") from None
     loader = yaml.SafeLoader(text)
     try:
         node = loader.get_single_node()
