@@ -414,12 +414,12 @@ def check_output(cfg: Config) -> None:
     if len(os.fsencode(name)) > limit:
         raise ConfigError(f"config: {key}={_shown(name)} is {len(os.fsencode(name))} bytes long; the file "
                           f"system of output.dir={cfg.output.dir!r} allows {limit}")
+    if parent.exists() and not parent.is_dir():
+        raise ConfigError(f"config: output.dir={cfg.output.dir!r} is not a directory")
     try:
         parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ConfigError(f"config: output.dir={cfg.output.dir!r} cannot be created: {exc.strerror}") from None
-    if not parent.is_dir():
-        raise ConfigError(f"config: output.dir={cfg.output.dir!r} is not a directory")
     try:
         with tempfile.TemporaryFile(dir=parent, prefix=".spngd-probe-"):
             pass
