@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from app.errors import CheckpointError
 from app.storage import full_disk_as_error, write_atomic
 
 log = logging.getLogger(__name__)
@@ -26,10 +27,6 @@ log = logging.getLogger(__name__)
 REQUEUE_EXIT = 85
 
 _NAME = re.compile(r"^ckpt-(\d{8})\.pt$")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that was asked for explicitly cannot be used."""
 
 
 def _sha256(path: Path) -> str:

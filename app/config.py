@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from app.errors import ConfigError
 from app.storage import existing_ancestor, write_atomic
 
 #: Bounds of every number whose key states none: an int must fit the C int (int32) that torch, numpy
@@ -26,17 +27,13 @@ INT_LIMIT = 2**31 - 1
 FLOAT_LIMIT = 1e6
 
 
-class ConfigError(ValueError):
-    """A bad configuration value; the message is one line meant for the user."""
-
-
 def _f(default: Any, help: str, *, choices: tuple[Any, ...] | None = None,
        ge: float | None = None, gt: float | None = None, le: float | None = None,
        lt: float | None = None) -> Any:
     """A dataclass field carrying its help text and its allowed range."""
     meta = {"help": help, "choices": choices, "ge": ge, "gt": gt, "le": le, "lt": lt}
     if isinstance(default, (list, dict)):
-        return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
 
 

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-from app.storage import DiskFullError, full_disk_as_error, write_atomic
+from app.errors import DiskFullError
+from app.storage import full_disk_as_error, write_atomic
 
 log = logging.getLogger(__name__)
 

@@ -17,11 +17,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO, cast
 
+from app.errors import DiskFullError
+
 _FULL = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
-
-
-class DiskFullError(OSError):
-    """A file could not be written because its file system (or the user's quota) is full."""
 
 
 def _size(n: int) -> str:

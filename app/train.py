@@ -16,12 +16,13 @@ import torch
 from torch import nn
 
 from app import config as config_mod
-from app.checkpoint import REQUEUE_EXIT, Checkpointer, CheckpointError, StopSignal
+from app.checkpoint import REQUEUE_EXIT, Checkpointer, StopSignal
 from app.checkpoint import load as load_checkpoint
 from app.comm import Comm
 from app.comm.grad_sync import GradientAverager
 from app.config import Config
 from app.data import build_loaders
+from app.errors import CheckpointError
 from app.launch import World
 from app.metrics import Metrics, Summary
 from app.models import build_model
@@ -228,8 +229,8 @@ class Trainer:
                 totals += torch.stack([loss.double(), top1.double(), top5.double(), n.double()])
         self.comm.allreduce(totals, op="sum", name="validation")
         self.model.train()
-        n = max(totals[3].item(), 1.0)
-        return totals[0].item() / n, totals[1].item() / n, totals[2].item() / n
+        images = max(totals[3].item(), 1.0)
+        return totals[0].item() / images, totals[1].item() / images, totals[2].item() / images
 
     def _val_due(self, step: int) -> bool:
         every = self.cfg.train.val_every

@@ -36,10 +36,15 @@ def real_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+# After a bad file: were it accepted (the bug), a 1-step run of the smallest model, not ResNet-50 on defaults.
+TINY = [a for o in ("model.arch=cifar_resnet8", "data.image_size=28", "data.val_resize=28", "data.workers=0",
+                    "train.max_steps=1", "output.plot=false", "output.tensorboard=false") for a in ("--set", o)]
+
+
 def _file(name: str, content: bytes) -> Callable[[Path, Path], list[str]]:
     def make(tmp: Path, _ckpt: Path) -> list[str]:
         (tmp / name).write_bytes(content)
-        return ["--config", str(tmp / name)]
+        return ["--config", str(tmp / name), *TINY]
     return make
 
 

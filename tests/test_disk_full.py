@@ -19,8 +19,8 @@ import torch
 
 from app import config
 from app.checkpoint import Checkpointer, load
+from app.errors import DiskFullError
 from app.metrics import Metrics, write_plot
-from app.storage import DiskFullError
 from tests.mpi_helpers import REPO, mpi_env, run_mpi, skip_unless_runnable
 
 SMOKE = str(REPO / "configs/smoke.yaml")

@@ -50,8 +50,8 @@ def _train_rows(run_dir: Path) -> list[dict[str, str]]:
 def test_smoke_run_writes_every_artefact(tmp_path: Path, backend: str, np: int) -> None:
     skip_unless_runnable(backend)
     rc, out = run_mpi(np, SPNGD, "train", "--config", SMOKE, "--set", f"comm.backend={backend}",
-                      "--set", f"output.dir={tmp_path}", "--set", "output.name=smoke", "--set", "output.tensorboard=true",
-                      timeout=300)
+                      "--set", f"output.dir={tmp_path}", "--set", "output.name=smoke",
+                      "--set", "output.tensorboard=true", timeout=300)
     assert rc == 0, out
     final = _final(out)
     run_dir = tmp_path / "smoke"

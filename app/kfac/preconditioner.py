@@ -88,7 +88,8 @@ class KFAC:
 
     def _costs(self) -> list[float]:
         precondition = self.cfg.share == "gradients"
-        return [layer_cost(layer.factor_shapes, k, precondition) for layer, k in zip(self._layers, self.clock.intervals)]
+        return [layer_cost(layer.factor_shapes, k, precondition)
+                for layer, k in zip(self._layers, self.clock.intervals)]
 
     def _mine(self, i: int) -> bool:
         return self.placement.owners[i] == self._rank
