@@ -94,9 +94,9 @@ def load(path: Path) -> dict[str, Any]:
     if not sidecar.is_file():
         raise CheckpointError(f"checkpoint {path} is incomplete or not written by spngd (no {sidecar.name} "
                               "next to it)")
+    if sidecar.read_text(errors="replace").strip() != _sha256(path):
+        raise CheckpointError(f"checkpoint {path} is corrupt (SHA-256 mismatch)")
     try:
-        if sidecar.read_text(errors="replace").strip() != _sha256(path):
-            raise CheckpointError(f"checkpoint {path} is corrupt (SHA-256 mismatch)")
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:  # torch's text here advises weights_only=False, i.e. running its code
         raise CheckpointError(f"checkpoint {path} cannot be read safely (it is not a weights-only checkpoint "

@@ -14,6 +14,7 @@ import argparse
 import dataclasses
 import logging
 import sys
+import time
 from collections.abc import Callable, Sequence
 from datetime import datetime
 from pathlib import Path
@@ -307,6 +308,11 @@ def _cmd_sweep_report(args: argparse.Namespace) -> int:
     return 0
 
 
+#: How long the other ranks wait after a user error (every rank sees the same one) for rank 0 to print it
+#: and exit: under contention rank 0 can be seconds behind, and its launcher kills it when a peer exits.
+_RANK0_GRACE_S = 10.0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     func: Callable[[argparse.Namespace], int] = args.func
@@ -317,6 +323,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         if global_rank() == 0:
             print(f"spngd: error: {exc}", file=sys.stderr, flush=True)
+        else:  # mpirun ends the job at the first non-zero exit: rank 0 must get to print its line first
+            time.sleep(_RANK0_GRACE_S)
         return USAGE_EXIT
     except KeyboardInterrupt:
         return 130

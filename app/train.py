@@ -344,14 +344,14 @@ class Trainer:
         if self.comm.rank == 0:
             log.info("resumed from %s at step %d", path, self.pos.step)
 
-
     def _check_fits(self, state: dict[str, Any], path: Path) -> None:
         """One line when ``state`` cannot continue this run (another program, model or optimiser), instead
         of load_state_dict's list of every mismatched key."""
         absent = [k for k in ("step", "world_size", "model", "optimizer", "schedule", "scaler", "kfac", "rng")
                   if k not in state]
-        if absent:
-            raise CheckpointError(f"checkpoint {path} was not written by spngd train (it has no {absent[0]!r})")
+        if absent or not isinstance(state["model"], dict):
+            raise CheckpointError(f"checkpoint {path} was not written by spngd train (it has no "
+                                  f"{absent[0] if absent else 'model state dict'!r})")
         saved = state.get("config")
         for section, key in (("model", "arch"), ("optim", "name")):
             was = saved.get(section, {}).get(key) if isinstance(saved, dict) else None

@@ -45,6 +45,7 @@ def test_damaged_checkpoint_is_refused_and_the_previous_one_used(
         state, path = ckpt.load_latest()  # type: ignore[misc]
     assert state["step"] == 1 and path.name == "ckpt-00000001.pt"
     assert "ckpt-00000002.pt is" in caplog.text and "trying an older checkpoint" in caplog.text
+    assert "cannot be read" not in caplog.text  # the verdict itself, not wrapped in another
     with pytest.raises(CheckpointError) as info:
         load(newest)
     assert "\n" not in str(info.value)

@@ -138,3 +138,14 @@ def test_bad_input_is_reported_once_per_job(case: str, tmp_path: Path, real_chec
     args = make(tmp_path, real_checkpoint) + ["--set", f"output.dir={tmp_path}/runs"]
     rc, out = run_mpi(2, "-m", "app", "train", *args, timeout=180)
     _assert_one_line(rc, out, expected)
+
+
+def test_rank0_reports_even_when_it_is_the_slowest(tmp_path: Path) -> None:
+    """mpirun kills the job at the first non-zero exit: a rank 0 six seconds late (a loaded node) must
+    still print the line, so the other ranks wait for it instead of exiting first."""
+    skip_unless_runnable()
+    (tmp_path / "list.yaml").write_text("- optim\n")
+    line = (f'[ "$OMPI_COMM_WORLD_RANK" = 0 ] && sleep 6; exec {sys.executable} -m app train '
+            f'--config {tmp_path}/list.yaml --set output.dir={tmp_path}/runs')
+    rc, out = run_mpi(2, "-c", line, python="sh", timeout=120)
+    _assert_one_line(rc, out, ("list.yaml", "must be a mapping"))
