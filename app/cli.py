@@ -29,6 +29,13 @@ def _user_error_types() -> tuple[type[BaseException], ...]:
     return (config_mod.ConfigError, DataError, LaunchError, CheckpointError, UserError)
 
 
+def _stopped_types() -> tuple[type[BaseException], ...]:
+    """Errors every rank raises at the same step when the model broke; exit ``checkpoint.DIVERGED_EXIT``."""
+    from app.kfac.preconditioner import BrokenLayer
+    from app.train import Diverged
+    return (Diverged, BrokenLayer)
+
+
 def _options_epilog() -> str:
     rows = config_mod.describe()
     width = max(len(k) for k, _, _ in rows)
@@ -160,7 +167,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     world = launch.discover()
     _setup_logging(world.rank, args.log_level)
     cfg = config_mod.load(args.config, overrides)  # validated before any collective starts
-    with launch.abort_on_error(world, passthrough=_user_error_types()):
+    with launch.abort_on_error(world, passthrough=_user_error_types() + _stopped_types()):
         device = launch.select_device(world, cfg.train.device)
         comm = launch.init_comm(world, cfg.comm, device)
         from app.train import train
@@ -224,6 +231,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return USAGE_EXIT
     except KeyboardInterrupt:
         return 130
+    except _stopped_types() as exc:
+        if _rank_from_env() == 0:
+            print(f"spngd: error: {exc}", file=sys.stderr, flush=True)
+        from app.checkpoint import DIVERGED_EXIT
+        return DIVERGED_EXIT
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from app import config as config_mod
-from app.checkpoint import REQUEUE_EXIT, Checkpointer, StopSignal
+from app.checkpoint import DIVERGED_EXIT, REQUEUE_EXIT, Checkpointer, StopSignal
 from app.checkpoint import load as load_checkpoint
 from app.comm import Comm
 from app.comm.grad_sync import GradientAverager
@@ -36,6 +36,41 @@ class Requeue(SystemExit):
 
     def __init__(self) -> None:
         super().__init__(REQUEUE_EXIT)
+
+
+class Diverged(RuntimeError):
+    """Training stopped because its loss diverged (``train.divergence_factor``); one line for the user.
+    Every rank raises it at the same step (they agree on the loss), before any checkpoint of that step."""
+
+    exit_code = DIVERGED_EXIT
+
+
+class LossWatch:
+    """``train.divergence_factor``'s rule on the rank-averaged step loss; every rank feeds it the same values.
+
+    A running mean (exponential, weight ``WEIGHT`` per step) rather than the step loss, so one bad batch of
+    a noisy small-batch run cannot trip it; and it must exceed the first running mean as well as ``factor``
+    x the best, so a well-trained model whose loss is tiny is not "diverged" by noise of a few hundredths.
+    """
+
+    WEIGHT = 0.1
+
+    def __init__(self, factor: float) -> None:
+        self.factor = factor
+        self.first: float | None = None
+        self.mean, self.best = math.nan, math.inf
+
+    def check(self, step: int, loss: float) -> None:
+        """Raise ``Diverged`` when ``loss`` (of optimiser step ``step``) is non-finite or the mean exploded."""
+        if not math.isfinite(loss):
+            raise Diverged(f"training diverged at step {step}: loss {loss} is not finite; no checkpoint written")
+        if self.first is None:
+            self.first = self.mean = loss
+        self.mean += self.WEIGHT * (loss - self.mean)
+        self.best = min(self.best, self.mean)
+        if self.factor > 0 and self.mean > max(self.factor * self.best, self.first):
+            raise Diverged(f"training diverged at step {step}: loss {loss:.3g} (running mean {self.mean:.3g}) > "
+                           f"{self.factor:g} x best {self.best:.3g} (train.divergence_factor); no checkpoint written")
 
 
 @dataclass
@@ -251,6 +286,7 @@ class Trainer:
                 self.kfac.trace_layers(run_dir / "kfac_layers.csv")
             log.info("run %s: %d ranks, global batch %d, %d steps/epoch, %d steps", run_dir, comm.size,
                      self.global_batch, self.steps_per_epoch, self.total_steps)
+        watch = LossWatch(cfg.train.divergence_factor)
         stop = StopSignal()
         stop.install()
         self.model.train()
@@ -281,11 +317,13 @@ class Trainer:
                         metrics.log(row)
                     loss_acc.zero_()
                     window_t, window_imgs, data_s = time.monotonic(), 0, 0.0
+                stop_now, mean_loss = self._stop_agreed(stop, loss)
+                watch.check(step, mean_loss)  # before any checkpoint of this step
                 if self._val_due(step):
                     val = self._log_val(metrics, step)
                 if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0:
                     self._save(ckpt)
-                if self._stop_agreed(stop):
+                if stop_now:
                     self._save(ckpt)
                     if comm.rank == 0:
                         log.warning("signal received: checkpoint written at step %d, exiting with %d",
@@ -312,9 +350,13 @@ class Trainer:
                          "skipped_images": self.val_loader.skipped})
         return loss, top1, top5
 
-    def _stop_agreed(self, stop: StopSignal) -> bool:
-        flag = torch.tensor([1.0 if stop.received else 0.0], device=self.device)
-        return self.comm.allreduce(flag, op="sum", name="signal").item() > 0
+    def _stop_agreed(self, stop: StopSignal, loss: torch.Tensor) -> tuple[bool, float]:
+        """One small allreduce per step: whether any rank got a signal, and the step loss averaged over
+        the ranks (non-finite when any rank's is), so all ranks take the same stop decisions."""
+        packed = torch.stack([torch.tensor(1.0 if stop.received else 0.0, dtype=torch.float64, device=self.device),
+                              loss.to(device=self.device, dtype=torch.float64)])
+        flag, total = self.comm.allreduce(packed, op="sum", name="signal").tolist()
+        return flag > 0, total / self.comm.size
 
     def _save(self, ckpt: Checkpointer) -> None:
         state = self.state_dict()  # collective (RNG gather): every rank calls it
