@@ -140,10 +140,10 @@ class TrainConfig:
     log_every: int = _f(10, "steps between metrics rows and progress lines", gt=0)
     deterministic: bool = _f(False, "deterministic kernels (slower; for reproducibility tests)")
     divergence_factor: float = _f(10.0, "stop the run (exit 3, no checkpoint of the diverged state) when the "
-                                  "loss is non-finite, or when its running mean (over ranks; exponential, weight "
-                                  "0.1 per step) exceeds both this many times its smallest value so far and its "
-                                  "first value: a single noisy batch cannot trigger it, and a trained model is "
-                                  "only called diverged once it is worse than at the start; 0 = only non-finite",
+                                  "loss (averaged over ranks) is non-finite, or when its median over the last 9 "
+                                  "steps exceeds both this many times the smallest such median so far and the "
+                                  "first one: a few noisy batches cannot trigger it, and a trained model only "
+                                  "counts as diverged once it is worse than at the start; 0 = only non-finite",
                                   ge=0.0)
     dtype: str = _f("float32", "parameter dtype (float64 for oracle tests on CPU)",
                     choices=("float32", "float64"))

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import logging
 import math
+import statistics
 import sys
 import time
+from collections import deque
 from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -48,29 +50,35 @@ class Diverged(RuntimeError):
 class LossWatch:
     """``train.divergence_factor``'s rule on the rank-averaged step loss; every rank feeds it the same values.
 
-    A running mean (exponential, weight ``WEIGHT`` per step) rather than the step loss, so one bad batch of
-    a noisy small-batch run cannot trip it; and it must exceed the first running mean as well as ``factor``
-    x the best, so a well-trained model whose loss is tiny is not "diverged" by noise of a few hundredths.
+    The median of the last ``WINDOW`` steps rather than the step loss, so a few bad batches of a noisy
+    small-batch run cannot trip it; and it must exceed the first such median as well as ``factor`` x the
+    best, so a well-trained model whose loss is tiny is not "diverged" by noise of a few hundredths.
     """
 
-    WEIGHT = 0.1
+    WINDOW = 9
 
     def __init__(self, factor: float) -> None:
         self.factor = factor
+        self.recent: deque[float] = deque(maxlen=self.WINDOW)
         self.first: float | None = None
-        self.mean, self.best = math.nan, math.inf
+        self.best = math.inf
 
-    def check(self, step: int, loss: float) -> None:
-        """Raise ``Diverged`` when ``loss`` (of optimiser step ``step``) is non-finite or the mean exploded."""
-        if not math.isfinite(loss):
-            raise Diverged(f"training diverged at step {step}: loss {loss} is not finite; no checkpoint written")
-        if self.first is None:
-            self.first = self.mean = loss
-        self.mean += self.WEIGHT * (loss - self.mean)
-        self.best = min(self.best, self.mean)
-        if self.factor > 0 and self.mean > max(self.factor * self.best, self.first):
-            raise Diverged(f"training diverged at step {step}: loss {loss:.3g} (running mean {self.mean:.3g}) > "
-                           f"{self.factor:g} x best {self.best:.3g} (train.divergence_factor); no checkpoint written")
+    def check(self, step: int, loss: float, weights_finite: bool = True) -> None:
+        """Raise ``Diverged`` when ``loss`` (of optimiser step ``step``) or the weights that step made are
+        non-finite, or the median exploded."""
+        if not (math.isfinite(loss) and weights_finite):
+            what = "is not finite" if not math.isfinite(loss) else "but the weights it led to are not finite"
+            raise Diverged(f"training diverged at step {step}: loss {loss:.3g} {what}; no checkpoint written")
+        self.recent.append(loss)
+        if len(self.recent) < self.WINDOW:
+            return
+        median = statistics.median(self.recent)
+        self.first = median if self.first is None else self.first
+        self.best = min(self.best, median)
+        if self.factor > 0 and median > max(self.factor * self.best, self.first):
+            raise Diverged(f"training diverged at step {step}: loss {loss:.3g} (median of the last {self.WINDOW} "
+                           f"steps {median:.3g}) > {self.factor:g} x best {self.best:.3g} (train.divergence_factor); "
+                           f"no checkpoint written")
 
 
 @dataclass
@@ -160,6 +168,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.precision == "fp16")
         torch.manual_seed(cfg.train.seed * 100_003 + comm.rank + 1)  # per-rank stream (MC labels)
         self.pos = _Position()
+        self._watched = [t for t in [*self.model.parameters(), *self.model.buffers()] if t.is_floating_point()]
 
     # -- state -----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -317,8 +326,8 @@ class Trainer:
                         metrics.log(row)
                     loss_acc.zero_()
                     window_t, window_imgs, data_s = time.monotonic(), 0, 0.0
-                stop_now, mean_loss = self._stop_agreed(stop, loss)
-                watch.check(step, mean_loss)  # before any checkpoint of this step
+                stop_now, mean_loss, finite = self._stop_agreed(stop, loss)
+                watch.check(step, mean_loss, finite)  # before any checkpoint of this step
                 if self._val_due(step):
                     val = self._log_val(metrics, step)
                 if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0:
@@ -350,13 +359,16 @@ class Trainer:
                          "skipped_images": self.val_loader.skipped})
         return loss, top1, top5
 
-    def _stop_agreed(self, stop: StopSignal, loss: torch.Tensor) -> tuple[bool, float]:
-        """One small allreduce per step: whether any rank got a signal, and the step loss averaged over
-        the ranks (non-finite when any rank's is), so all ranks take the same stop decisions."""
+    def _stop_agreed(self, stop: StopSignal, loss: torch.Tensor) -> tuple[bool, float, bool]:
+        """One small allreduce per step, so all ranks take the same stop decisions: whether any rank got a
+        signal, the step loss averaged over the ranks (non-finite when any rank's is), and whether the
+        weights and buffers the step left are finite on every rank (the loss only vouches for the
+        weights before the step, and a checkpoint holds those after it)."""
+        finite = torch.stack([torch.isfinite(t).all() for t in self._watched]).all()
         packed = torch.stack([torch.tensor(1.0 if stop.received else 0.0, dtype=torch.float64, device=self.device),
-                              loss.to(device=self.device, dtype=torch.float64)])
-        flag, total = self.comm.allreduce(packed, op="sum", name="signal").tolist()
-        return flag > 0, total / self.comm.size
+                              loss.to(device=self.device, dtype=torch.float64), (~finite).to(torch.float64)])
+        flag, total, broken = self.comm.allreduce(packed, op="sum", name="signal").tolist()
+        return flag > 0, total / self.comm.size, broken == 0
 
     def _save(self, ckpt: Checkpointer) -> None:
         state = self.state_dict()  # collective (RNG gather): every rank calls it
