@@ -4,6 +4,7 @@ keep failing is warned about each time and stops the run past ``kfac.max_bad_ref
 
 from __future__ import annotations
 
+import csv
 import logging
 import math
 import sys
@@ -79,6 +80,24 @@ def test_demo_config_trains_with_kfac_defaults(tmp_path: Path) -> None:
 def test_per_rank_batch_1_stays_bounded_with_kfac_defaults(tmp_path: Path, fisher: str) -> None:
     torch.set_num_threads(1)
     assert_bounded(kfac_losses("smoke", 60, "data.batch_size=1", tmp=tmp_path, fisher=fisher))
+
+
+@pytest.mark.mpi
+@pytest.mark.slow
+@pytest.mark.parametrize("batch", [16, 1])
+def test_two_ranks_train_with_kfac_defaults(tmp_path: Path, batch: int) -> None:
+    """The CLI at 2 ranks: rc 0, and the metrics rows (each the mean of 10 steps over both ranks) go down
+    (per-rank batch 16) or stay bounded (per-rank batch 1)."""
+    skip_unless_runnable()
+    rc, out = run_mpi(2, SPNGD, "train", "--config", SMOKE, "--set", "optim.preconditioner=kfac",
+                      "--set", f"data.batch_size={batch}", "--set", "train.max_steps=60", "--set", "train.log_every=10",
+                      "--set", f"output.dir={tmp_path}", "--set", "output.name=run", "--set", "output.plot=false",
+                      "--set", "data.workers=0", timeout=400)
+    assert rc == 0, out
+    with (tmp_path / "run" / "metrics.csv").open() as f:
+        losses = [float(row["loss"]) for row in csv.DictReader(f) if row["kind"] == "train"]
+    assert len(losses) == 6 and all(map(math.isfinite, losses)), losses
+    assert losses[-1] < (losses[0] if batch > 1 else 2 * CHANCE), losses
 
 
 # -- divergence rule ----------------------------------------------------------------------------------
