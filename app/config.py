@@ -141,7 +141,7 @@ class TrainConfig:
     deterministic: bool = _f(False, "deterministic kernels (slower; for reproducibility tests)")
     divergence_factor: float = _f(10.0, "stop the run (exit 3, no checkpoint of the diverged state) when the "
                                   "loss (averaged over ranks) is non-finite, or when its median over the last 9 "
-                                  "steps exceeds both this many times the smallest such median so far and the "
+                                  "steps (from step 3 on, over all so far) exceeds both this many times the smallest such median so far and the "
                                   "first one: a few noisy batches cannot trigger it, and a trained model only "
                                   "counts as diverged once it is worse than at the start; 0 = only non-finite",
                                   ge=0.0)

@@ -50,12 +50,14 @@ class Diverged(RuntimeError):
 class LossWatch:
     """``train.divergence_factor``'s rule on the rank-averaged step loss; every rank feeds it the same values.
 
-    The median of the last ``WINDOW`` steps rather than the step loss, so a few bad batches of a noisy
-    small-batch run cannot trip it; and it must exceed the first such median as well as ``factor`` x the
-    best, so a well-trained model whose loss is tiny is not "diverged" by noise of a few hundredths.
+    The median of the last ``WINDOW`` steps (of all of them from the third step on, while fewer) rather
+    than the step loss, so a few bad batches of a noisy small-batch run cannot trip it, while an
+    explosion in the first steps is still measured against the loss at the start; and it must exceed
+    the first median as well as ``factor`` x the best, so a well-trained model whose loss is tiny is not
+    "diverged" by noise of a few hundredths.
     """
 
-    WINDOW = 9
+    WINDOW, FIRST = 9, 3
 
     def __init__(self, factor: float) -> None:
         self.factor = factor
@@ -70,14 +72,14 @@ class LossWatch:
             what = "is not finite" if not math.isfinite(loss) else "but the weights it led to are not finite"
             raise Diverged(f"training diverged at step {step}: loss {loss:.3g} {what}; no checkpoint written")
         self.recent.append(loss)
-        if len(self.recent) < self.WINDOW:
+        if len(self.recent) < self.FIRST:
             return
         median = statistics.median(self.recent)
         self.first = median if self.first is None else self.first
         self.best = min(self.best, median)
         if self.factor > 0 and median > max(self.factor * self.best, self.first):
-            raise Diverged(f"training diverged at step {step}: loss {loss:.3g} (median of the last {self.WINDOW} "
-                           f"steps {median:.3g}) > {self.factor:g} x best {self.best:.3g} (train.divergence_factor); "
+            raise Diverged(f"training diverged at step {step}: loss {loss:.3g} (median of the last "
+                           f"{len(self.recent)} steps {median:.3g}) > {self.factor:g} x best {self.best:.3g} (train.divergence_factor); "
                            f"no checkpoint written")
 
 
