@@ -141,11 +141,12 @@ def _last_lines(out: str, text: str) -> list[str]:
     return [line for line in out.splitlines() if text in line]
 
 
-def _diverging_args(tmp_path: Path, lr: str) -> list[str]:
+def _diverging_args(tmp_path: Path, *overrides: str) -> list[str]:
     """Smoke training that blows up within a few steps, checkpointing every step."""
-    return ["train", "--config", SMOKE, "--set", f"output.dir={tmp_path}", "--set", "output.name=run",
-            "--set", f"optim.lr={lr}", "--set", "checkpoint.every_steps=1", "--set", "checkpoint.keep=3",
-            "--set", "output.plot=false", "--set", "data.workers=0"]
+    args = ["train", "--config", SMOKE, "--set", f"output.dir={tmp_path}", "--set", "output.name=run",
+            "--set", "checkpoint.every_steps=1", "--set", "checkpoint.keep=3", "--set", "output.plot=false",
+            "--set", "data.workers=0"]
+    return args + [a for o in overrides for a in ("--set", o)]
 
 
 def _assert_stopped_cleanly(rc: int, out: str, tmp_path: Path) -> None:
@@ -161,10 +162,15 @@ def _assert_stopped_cleanly(rc: int, out: str, tmp_path: Path) -> None:
     assert not list((tmp_path / "run" / "checkpoints").glob(f"ckpt-{step:08d}*"))
 
 
-@pytest.mark.parametrize("lr", ["1e30", "1e3"])  # NaN after one step; finite but exploding
-def test_diverged_run_exits_3_and_keeps_the_last_good_checkpoint(tmp_path: Path, lr: str,
+@pytest.mark.parametrize("overrides", [
+    ["optim.lr=1e30"],  # NaN after one step
+    ["optim.lr=1e3"],  # finite loss, weights overflow
+    ["optim.lr=100"],  # finite, exploding loss
+    ["optim.preconditioner=kfac", "kfac.kl_clip=0"],  # finding 4 (loss 2.3 -> 24, rc 0 and a FINAL line)
+])
+def test_diverged_run_exits_3_and_keeps_the_last_good_checkpoint(tmp_path: Path, overrides: list[str],
                                                                  capsys: pytest.CaptureFixture[str]) -> None:
-    rc = cli.main(_diverging_args(tmp_path, lr))
+    rc = cli.main(_diverging_args(tmp_path, *overrides))
     captured = capsys.readouterr()
     _assert_stopped_cleanly(rc, captured.out + captured.err, tmp_path)
 
@@ -172,7 +178,7 @@ def test_diverged_run_exits_3_and_keeps_the_last_good_checkpoint(tmp_path: Path,
 @pytest.mark.mpi
 def test_diverged_two_rank_run_stops_together(tmp_path: Path) -> None:
     skip_unless_runnable()
-    rc, out = run_mpi(2, SPNGD, *_diverging_args(tmp_path, "1e30"), timeout=240)
+    rc, out = run_mpi(2, SPNGD, *_diverging_args(tmp_path, "optim.lr=1e30"), timeout=240)
     _assert_stopped_cleanly(rc, out, tmp_path)
 
 
