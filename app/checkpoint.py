@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from app.errors import CheckpointError
+
 log = logging.getLogger(__name__)
 
 #: Exit code after a signal-triggered checkpoint; job scripts requeue or chain on it.
@@ -27,10 +29,6 @@ REQUEUE_EXIT = 85
 DIVERGED_EXIT = 3
 
 _NAME = re.compile(r"^ckpt-(\d{8})\.pt$")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that was asked for explicitly cannot be used."""
 
 
 def _sha256(path: Path) -> str:

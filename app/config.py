@@ -14,9 +14,7 @@ from typing import Any
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A bad configuration value; the message is one line meant for the user."""
+from app.errors import ConfigError
 
 
 def _f(default: Any, help: str, *, choices: tuple[Any, ...] | None = None,
@@ -25,7 +23,7 @@ def _f(default: Any, help: str, *, choices: tuple[Any, ...] | None = None,
     """A dataclass field carrying its help text and its allowed range."""
     meta = {"help": help, "choices": choices, "ge": ge, "gt": gt, "le": le, "lt": lt}
     if isinstance(default, (list, dict)):
-        return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
 
 
@@ -140,10 +138,11 @@ class TrainConfig:
     log_every: int = _f(10, "steps between metrics rows and progress lines", gt=0)
     deterministic: bool = _f(False, "deterministic kernels (slower; for reproducibility tests)")
     divergence_factor: float = _f(10.0, "stop the run (exit 3, no checkpoint of the diverged state) when the "
-                                  "loss (averaged over ranks) is non-finite, or when its median over the last 9 "
-                                  "steps (from step 3 on, over all so far) exceeds both this many times the smallest such median so far and the "
-                                  "first one: a few noisy batches cannot trigger it, and a trained model only "
-                                  "counts as diverged once it is worse than at the start; 0 = only non-finite",
+                                  "loss (averaged over ranks) or the weights are non-finite, or when the loss's "
+                                  "median over the last 9 steps (from step 3 on, over all so far) exceeds both "
+                                  "this many times the smallest such median so far and the first one: a few noisy "
+                                  "batches cannot trigger it, and a trained model only counts as diverged once it "
+                                  "is worse than at the start; 0 = only non-finite",
                                   ge=0.0)
     dtype: str = _f("float32", "parameter dtype (float64 for oracle tests on CPU)",
                     choices=("float32", "float64"))

@@ -22,9 +22,9 @@ from torch import Tensor, nn
 from app import cli, config, launch
 from app.checkpoint import DIVERGED_EXIT, Checkpointer
 from app.config import KFACConfig
+from app.errors import Diverged
 from app.kfac import KFAC
-from app.kfac.preconditioner import BrokenLayer
-from app.train import Diverged, LossWatch, Trainer
+from app.train import LossWatch, Trainer
 
 SPNGD = str(Path(sys.executable).parent / "spngd")
 SMOKE = str(REPO / "configs" / "smoke.yaml")
@@ -232,7 +232,7 @@ def test_nonfinite_factors_warn_every_time_and_stop_past_the_limit(float64: None
             step(model, kfac, t, *batch(bad))
         assert len(bad_messages(caplog, "first")) == 4 and not bad_messages(caplog, "last")
         assert "2 bad refreshes in a row" in bad_messages(caplog, "first")[-1]
-        with pytest.raises(BrokenLayer, match=r"K-FAC layer first had 3 bad refreshes in a row, the last non-finite "
+        with pytest.raises(Diverged, match=r"K-FAC layer first had 3 bad refreshes in a row, the last non-finite "
                                               r"factors .* at step 6 \(kfac.max_bad_refreshes=2\)"):
             step(model, kfac, 6, *batch(True))
 
@@ -274,7 +274,7 @@ def test_damping_retries_are_agreed_warned_by_rank_0_and_stop_the_run(float64: N
         for t in range(1, 10):
             try:
                 step(model, kfac, t, x[rows], y[rows], comm)
-            except BrokenLayer as exc:
+            except Diverged as exc:
                 return name, t, str(exc)
         return name, -1, "no stop"
 

@@ -4,7 +4,6 @@ SLURM and Grid Engine runs (tests/schedulers.py brings the daemons up)."""
 
 from __future__ import annotations
 
-import argparse
 import csv
 import os
 import re
@@ -24,9 +23,9 @@ import yaml
 
 from app import config as config_mod
 from app.checkpoint import REQUEUE_EXIT
-from app.cli import build_parser, main
+from app.cli import build_parser, fill, main
 from app.config import ConfigError
-from app.submit import build_job, render, schedulers
+from app.submit import Request, build_job, render, schedulers
 from app.submit import sweep as sweep_mod
 
 if TYPE_CHECKING:
@@ -42,8 +41,8 @@ NOW = datetime(2026, 11, 22, 12, 0, 0)
 SYSTEMS = render.available_systems()
 
 
-def _args(*argv: str) -> argparse.Namespace:
-    return build_parser().parse_args(["submit", *argv])
+def _args(*argv: str) -> Request:
+    return fill(Request, build_parser().parse_args(["submit", *argv]))
 
 
 def _render(argv: list[str], workdir: Path = WORKDIR, python_bin: Path = WORKDIR / ".venv/bin") -> tuple[
@@ -245,6 +244,27 @@ def test_dry_run_prints_the_script_and_writes_nothing(in_repo: None, capsys: pyt
     assert main(["submit", *CASES["abci3"], "--dry-run"]) == 0
     out, _ = capsys.readouterr()
     assert out.startswith("#!/bin/bash\n#PBS -N spngd-rn50\n") and not (REPO / "runs" / "rn50").exists()
+
+
+def test_submit_writes_script_and_sweep_then_prints_the_job_id(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """Without --dry-run, through a stand-in sbatch that records its arguments."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "sbatch").write_text('#!/bin/sh\necho "$*" > "$(dirname "$0")/argv"\necho "4242;cluster"\n')
+    (bin_dir / "sbatch").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.chdir(tmp_path)
+    assert main(["submit", "--system", "slurm-v100", "--nodes", "1", "--config", str(REPO / "configs/smoke.yaml"),
+                 "--sweep", str(REPO / "configs/sweeps/demo_lr.yaml"), "--trials", "2"]) == 0
+    out, err = capsys.readouterr()
+    (run_dir,) = (tmp_path / "runs").glob("demo-lr-*")
+    script = run_dir / "sweep-slurm-v100.sh"
+    assert out == "4242\n" and err.startswith(f"spngd: submitted {script} to slurm-v100; logs in {run_dir}/logs/")
+    assert err.rstrip().endswith(f"report with: spngd sweep-report {run_dir}")
+    assert script.read_text().startswith("#!/bin/bash") and script.stat().st_mode & 0o111
+    assert sweep_mod.load_sweep(str(run_dir / sweep_mod.SPEC_NAME)).trials == 2 and (run_dir / "logs").is_dir()
+    assert (bin_dir / "argv").read_text().split() == ["--parsable", "--array=1-2", str(script)]
 
 
 # -- the checkpoint-and-run-again protocol, with stand-ins for mpirun, spngd and qsub ---------------
@@ -559,7 +579,8 @@ def test_slurm_usr1_checkpoint_requeue_resume_same_weights(slurm_cluster: SlurmC
 def test_slurm_array_sweep_and_report(slurm_cluster: SlurmCluster, e2e_dir: Path) -> None:
     t0 = time.monotonic()
     job_id = _spngd(e2e_dir, "submit", "--system", "local-slurm", "--nodes", "1", "--config",
-                    str(REPO / "configs/smoke.yaml"), "--sweep", str(REPO / "configs/sweeps/demo_lr.yaml"), "--trials", "3")
+                    str(REPO / "configs/smoke.yaml"), "--sweep", str(REPO / "configs/sweeps/demo_lr.yaml"),
+                    "--trials", "3")
     slurm_cluster.wait_gone([job_id], timeout=300)
     (sweep_dir,) = (e2e_dir / "runs").glob("demo-lr-*")
     sweep = sweep_mod.load_sweep(sweep_dir / "sweep.yaml")

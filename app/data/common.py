@@ -18,6 +18,8 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from app.errors import DataError
+
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png")
@@ -26,10 +28,6 @@ MEAN_255 = (0.485 * 255, 0.456 * 255, 0.406 * 255)
 STD_255 = (0.229 * 255, 0.224 * 255, 0.225 * 255)
 PAD = -1
 """Label of a validation slot that holds no image (padding or an unreadable file); never scored."""
-
-
-class DataError(ValueError):
-    """A dataset problem the user must fix; the message is one line (the CLI exits with code 2)."""
 
 
 @dataclass(frozen=True)

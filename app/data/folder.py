@@ -140,9 +140,12 @@ class FolderLoader(PlannedLoader):
         self._batches = _PlanBatches(plan)
         transform = _Transform(cfg.image_size, plan.train, cfg.min_crop_area, cfg.random_mirror,
                                cfg.val_resize, seed)
+        # Its own generator: every iterator draws a worker base seed (unused: each sample seeds its
+        # own draws), which from torch's global RNG would shift the streams training draws from it.
         self._loader = DataLoader(_Images(split, transform), batch_sampler=self._batches,
                                   num_workers=cfg.workers, collate_fn=_collate,
-                                  pin_memory=device.type == "cuda", persistent_workers=cfg.workers > 0)
+                                  pin_memory=device.type == "cuda", persistent_workers=cfg.workers > 0,
+                                  generator=torch.Generator().manual_seed(seed))
 
     def _iterate(self, epoch: int, start_batch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         self._batches.select(epoch, start_batch)

@@ -8,12 +8,13 @@ import math
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
-from app.checkpoint import DIVERGED_EXIT
 from app.comm.base import Comm, Handle
 from app.config import KFACConfig
+from app.errors import Diverged
 from app.kfac.capture import Capture
 from app.kfac.exchange import FactorExchange, gather_objects, pack, packed_numel, unpack
 from app.kfac.factors import Layer, find_layers
@@ -23,12 +24,6 @@ from app.kfac.placement import Placement, imbalance, layer_cost, loads
 
 log = logging.getLogger(__name__)
 
-
-class BrokenLayer(RuntimeError):
-    """A layer had more than ``kfac.max_bad_refreshes`` bad refreshes in a row; one line for the user.
-    Every rank raises it at the same step (the decisions are shared), before any checkpoint of that step."""
-
-    exit_code = DIVERGED_EXIT
 
 
 class KFAC:
@@ -63,11 +58,14 @@ class KFAC:
       inverse for the step (plain gradient if it has none), counted in ``kfac_nan_skips``. Cholesky
       failures retry in float64, then with 10x damping, counted. Non-finite factors and damping
       retries make a bad refresh, warned each time with the layer's name (rank 0); more than
-      ``max_bad_refreshes`` in a row raise ``BrokenLayer``, as the layer would otherwise stay on stale
+      ``max_bad_refreshes`` in a row raise ``Diverged``, as the layer would otherwise stay on stale
       or over-damped curvature for the rest of the run.
+    * **Randomness.** ``fisher=mc`` draws its labels from a generator of its own, seeded from
+      (``seed``, rank) and saved per rank in ``state_dict``: nothing else draws from it, so a resumed
+      run samples exactly the labels the uninterrupted one did.
     """
 
-    def __init__(self, model: nn.Module, cfg: KFACConfig, comm: Comm | None = None) -> None:
+    def __init__(self, model: nn.Module, cfg: KFACConfig, comm: Comm | None = None, seed: int = 0) -> None:
         self.cfg = cfg
         # K-FAC's collectives launch from their own hooks: on their own channel they cannot be paired
         # with the gradient buckets of another rank whose hooks fired in another order.
@@ -80,6 +78,8 @@ class KFAC:
         self._wire = torch.bfloat16 if cfg.wire_dtype == "bfloat16" else None
         self._dtype = functools.reduce(torch.promote_types, (layer.dtype for layer in self._layers), torch.float32)
         self._device = comm.device if comm is not None else torch.device("cpu")
+        self._sampler = torch.Generator(device=next(model.parameters()).device)
+        self._sampler.manual_seed(int(np.random.SeedSequence([seed, self._rank]).generate_state(1)[0]))
         self._index = {layer: i for i, layer in enumerate(self._layers)}
         self._capture = Capture(self._layers, hooked_backward=cfg.fisher == "emp",
                                 on_complete=lambda layer: self._send(self._index[layer]))
@@ -98,7 +98,8 @@ class KFAC:
 
     def _costs(self) -> list[float]:
         precondition = self.cfg.share == "gradients"
-        return [layer_cost(layer.factor_shapes, k, precondition) for layer, k in zip(self._layers, self.clock.intervals)]
+        return [layer_cost(layer.factor_shapes, k, precondition)
+                for layer, k in zip(self._layers, self.clock.intervals)]
 
     def _mine(self, i: int) -> bool:
         return self.placement.owners[i] == self._rank
@@ -148,7 +149,7 @@ class KFAC:
         if self.cfg.fisher == "emp":
             self._capture.final = final
             return
-        self._capture.backward(sampled_losses(out, self.cfg.fisher))
+        self._capture.backward(sampled_losses(out, self.cfg.fisher, self._sampler))
         if final:
             assert self._exchange is not None
             for i in self._exchange.missing:
@@ -261,7 +262,7 @@ class KFAC:
         report[2 * len(self._layers) + i] = retries.damping
         return retries.fp64
 
-    def _bad_refreshes(self, due: list[bool], inverse_due: list[bool], outcome: list[float]) -> BrokenLayer | None:
+    def _bad_refreshes(self, due: list[bool], inverse_due: list[bool], outcome: list[float]) -> Diverged | None:
         """Track each refreshed layer's run of bad refreshes (non-finite factors or damping retries) from the
         shared ``outcome``: rank 0 warns about each one; the error to raise once a run passes the limit."""
         n, limit = len(self._layers), self.cfg.max_bad_refreshes
@@ -279,7 +280,7 @@ class KFAC:
                 log.warning("K-FAC: layer %s had %s at step %s: %d bad refreshes in a row (kfac.max_bad_refreshes=%d)",
                             layer.name, what, self._step, self._bad[i], limit)
             if limit and self._bad[i] > limit:
-                return BrokenLayer(f"K-FAC layer {layer.name} had {self._bad[i]} bad refreshes in a row, the last "
+                return Diverged(f"K-FAC layer {layer.name} had {self._bad[i]} bad refreshes in a row, the last "
                                    f"{what} at step {self._step} (kfac.max_bad_refreshes={limit}); no checkpoint "
                                    f"written")
         return None
@@ -408,16 +409,20 @@ class KFAC:
 
     def state_dict(self) -> dict[str, Any]:
         """The whole state, placement-independent: factors, previous factors and inverses of every
-        layer (so a resumed run between inverse refreshes is exact), intervals, owners, counters.
+        layer (so a resumed run between inverse refreshes is exact), intervals, owners, counters,
+        and every rank's mc label generator.
 
         Collective with a communicator: every rank must call it, and every rank gets the whole
-        state (the owners' layers are allgathered, on the CPU).
+        state (the owners' layers and the generators are allgathered, on the CPU).
         """
         owned = {layer.name: _export(layer, with_inverse=True)
                  for i, layer in enumerate(self._layers) if self._mine(i)}
+        samplers = [self._sampler.get_state()]
         if self.comm is not None:
-            for part in gather_objects(self.comm, owned, name="kfac.checkpoint"):
-                owned.update(part)
+            parts = gather_objects(self.comm, (owned, samplers[0]), name="kfac.checkpoint")
+            for layers, _ in parts:
+                owned.update(layers)
+            samplers = [sampler for _, sampler in parts]
         return {
             "counters": dict(self._counters),
             "bad_refreshes": list(self._bad),
@@ -427,11 +432,13 @@ class KFAC:
             "owners": list(self.placement.owners),
             "ranks": self._size,
             "layers": {name: owned[name] for name in self.layers},
+            "samplers": samplers,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore ``state_dict()``, on any number of ranks; inverses made with another
-        method/damping are recomputed. The owners are kept when the rank count is the same."""
+        method/damping are recomputed. The owners and each rank's mc generator are kept when the
+        rank count is the same (else every rank keeps its fresh (seed, rank) generator)."""
         saved, ours = set(state["layers"]), set(self.layers)
         if saved != ours:
             raise ValueError(f"K-FAC: checkpoint layers differ from the model's (only in checkpoint: "
@@ -448,6 +455,8 @@ class KFAC:
         self.placement.rebalances = self._counters["kfac_rebalances"]
         if state["ranks"] == self._size:
             self.placement.owners = list(state["owners"])
+            if "samplers" in state:  # absent in checkpoints written before the generator existed
+                self._sampler.set_state(state["samplers"][self._rank])
         for i, (layer, entry) in enumerate(zip(self._layers, entries)):
             _drop(layer, with_inverse=True)
             if self._mine(i):
