@@ -395,7 +395,7 @@ class Trainer:
         signal, the step loss averaged over the ranks (non-finite when any rank's is), and whether the
         weights and buffers the step left are finite on every rank (the loss only vouches for the
         weights before the step, and a checkpoint holds those after it)."""
-        finite = torch.stack([torch.isfinite(t).all() for t in self._watched]).all()
+        finite = torch.isfinite(nn.utils.get_total_norm(self._watched, norm_type=math.inf))  # fused max |x|
         packed = torch.stack([torch.tensor(1.0 if stop.received else 0.0, dtype=torch.float64, device=self.device),
                               loss.to(device=self.device, dtype=torch.float64), (~finite).to(torch.float64)])
         flag, total, broken = self.comm.allreduce(packed, op="sum", name="signal").tolist()
