@@ -43,7 +43,7 @@ test: lint horovod schedulers
 	$(PY) -m pytest -q -ra $(PYTEST_ARGS)
 
 demo: venv
-	mpirun --oversubscribe -np $(NP) $(VENV)/bin/spngd train --config $(DEMO_CONFIG)
+	$(VENV)/bin/spngd launch mpirun --oversubscribe -np $(NP) $(VENV)/bin/spngd train --config $(DEMO_CONFIG)
 
 clean:
 	rm -rf $(VENV) runs data

@@ -168,6 +168,8 @@ class Trainer:
         self._bn_stats = _running_stats(self.model)
         self.pos = _Position()
         self._watched = [t for t in [*self.model.parameters(), *self.model.buffers()] if t.is_floating_point()]
+        # unreadable images replaced so far, summed over ranks at each metrics log / validation
+        self.skipped_images: dict[str, int] = {"train": 0, "val": 0}
 
     # -- state -----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -288,7 +290,7 @@ class Trainer:
         ranks' averaged BatchNorm statistics (``sync_batchnorm``)."""
         self.sync_batchnorm()
         self.model.eval()
-        totals = torch.zeros(4, device=self.device, dtype=torch.float64)
+        totals = torch.zeros(5, device=self.device, dtype=torch.float64)
         with torch.no_grad(), autocast_for(self.cfg, self.device):
             for x, y in self.val_loader.epoch(0):
                 x = x.to(self.dtype)
@@ -297,8 +299,10 @@ class Trainer:
                 out = loss_precision(self.model(x))
                 loss = nn.functional.cross_entropy(out, y, ignore_index=-1, reduction="sum")
                 top1, top5, count = _accuracy_counts(out, y)
-                totals += torch.stack([loss.double(), top1.double(), top5.double(), count.double()])
+                totals[:4] += torch.stack([loss.double(), top1.double(), top5.double(), count.double()])
+        totals[4] = self.val_loader.skipped  # summed over ranks by the same allreduce
         self.comm.allreduce(totals, op="sum", name="validation")
+        self.skipped_images["val"] = round(totals[4].item())
         self.model.train()
         images = max(totals[3].item(), 1.0)
         return totals[0].item() / images, totals[1].item() / images, totals[2].item() / images
@@ -332,18 +336,20 @@ class Trainer:
         self.model.train()
         t0 = time.monotonic()
         window_t, window_imgs, data_s, trained_imgs = time.monotonic(), 0, 0.0, 0
-        loss_acc = torch.zeros(2, device=self.device, dtype=torch.float64)
+        loss_acc = torch.zeros(3, device=self.device, dtype=torch.float64)  # loss, accuracy, skipped images
         val: tuple[float, float, float] | None = None
         try:
             for loss, acc, waited in self.steps():
                 data_s += waited
-                loss_acc += torch.stack([loss, acc])
+                loss_acc[:2] += torch.stack([loss, acc])
                 imgs = self.global_batch
                 window_imgs += imgs
                 trained_imgs += imgs
                 step = self.pos.step
                 if step % cfg.train.log_every == 0 or step == self.total_steps:
+                    loss_acc[2] = self.train_loader.skipped * comm.size  # the average makes it the sum
                     self.comm.allreduce(loss_acc, op="avg", name="metrics")
+                    self.skipped_images["train"] = round(loss_acc[2].item())
                     n_logged = cfg.train.log_every if step % cfg.train.log_every == 0 else step % cfg.train.log_every
                     elapsed = time.monotonic() - window_t
                     if metrics is not None:
@@ -351,7 +357,7 @@ class Trainer:
                                "loss": loss_acc[0].item() / n_logged, "top1": loss_acc[1].item() / n_logged,
                                "lr": self.optimizer.param_groups[0]["lr"], "img_per_s": window_imgs / elapsed,
                                "data_s": data_s, "step_s": elapsed / n_logged,
-                               "skipped_images": self.train_loader.skipped}
+                               "skipped_images": self.skipped_images["train"]}
                         if self.kfac is not None:
                             row.update(self.kfac.stats)
                         metrics.log(row)
@@ -380,14 +386,14 @@ class Trainer:
                     log.info("plot: %s", plot)
         return Summary(val_top1=val[1], val_loss=val[0], epochs=math.ceil(self.pos.step / self.steps_per_epoch),
                        steps=self.pos.step, time_s=train_time, img_per_s=trained_imgs / max(train_time, 1e-9),
-                       run_dir=run_dir)
+                       run_dir=run_dir, skipped_images=sum(self.skipped_images.values()))
 
     def _log_val(self, metrics: Metrics | None, step: int) -> tuple[float, float, float]:
         loss, top1, top5 = self.validate()
         if metrics is not None:
             metrics.log({"kind": "val", "step": step, "epoch": step / self.steps_per_epoch,
                          "loss": loss, "top1": top1, "top5": top5,
-                         "skipped_images": self.val_loader.skipped})
+                         "skipped_images": self.skipped_images["val"]})
         return loss, top1, top5
 
     def _stop_agreed(self, stop: StopSignal, loss: torch.Tensor) -> tuple[bool, float, bool]:

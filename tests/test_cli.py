@@ -52,8 +52,9 @@ def test_missing_dataset_exit_2(tmp_path: Path) -> None:
 def test_check_command_reports_every_tensor() -> None:
     res = _spngd("check", "--config", "configs/smoke.yaml", "--set", "data.image_size=8", "--set", "data.val_resize=8")
     assert res.returncode == 0, res.stderr
-    lines = res.stdout.strip().splitlines()
-    assert lines[-1].startswith("CHECK OK tensors=")
+    probe, *lines = res.stdout.strip().splitlines()
+    assert probe.startswith("probe: 2 random 8x8 images, up to 8 coordinates per tensor")
+    assert lines[-1].startswith("CHECK OK tensors=") and " skipped=" in lines[-1]
     assert any(line.startswith("fc.weight") for line in lines)
     assert all("max_rel_err=" in line for line in lines)
 

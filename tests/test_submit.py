@@ -143,7 +143,7 @@ _GRAMMAR = {
     "pbs": ("#PBS", [r"-N [A-Za-z][\w.-]{0,62}", r"-q \w+", r"-l select=\d+(:\w+=[\w.]+)+",
                      r"-l walltime=\d+:[0-5]\d:[0-5]\d", r"-P \w+", r"-j oe", r"-J \d+-\d+(:\d+)?"]),
     "sge": ("#$", [r"-N [A-Za-z][\w.-]{0,62}", r"-cwd", r"-j y", r"-o /\S+/", r"-l h_rt=\d+:[0-5]\d:[0-5]\d",
-                   r"-l (rt_F|node_f|f_node)=\d+", r"-pe \w+ \d+", r"-V"]),
+                   r"-l (rt_F|node_f|f_node)=\d+", r"-pe \w+ \d+", r"-V", r"-notify"]),
     "slurm": ("#SBATCH", [r"--(job-name|output|account|partition)=\S+",
                           r"--(nodes|ntasks-per-node|cpus-per-task|gpus-per-node)=\d+",
                           r"--time=\d+:[0-5]\d:[0-5]\d", r"--open-mode=append", r"--requeue", r"--signal=B:USR1@\d+"]),
@@ -273,8 +273,9 @@ _STUBS = {
     # mpirun: run the program in its place, so that signals reach it directly.
     "mpirun": 'echo "$*" >> "$STUB_LOG/mpirun"\n'
               'while [[ $# -gt 0 && $1 != spngd && $1 != mkdir && $1 != cp ]]; do shift; done\nexec "$@"\n',
-    # spngd: "trains" until a signal, then checkpoints (exit 85) like app.train.
-    "spngd": 'echo "$*" >> "$STUB_LOG/spngd"\n'
+    # spngd: `launch` runs its command in its place; `train` "trains" until a signal, then checkpoints
+    # (exit 85) like app.train.
+    "spngd": '[[ $1 == launch ]] && shift && exec "$@"\necho "$*" >> "$STUB_LOG/spngd"\n'
              'trap \'echo USR1 >> "$STUB_LOG/signals"; exit 85\' USR1\n'
              'trap \'echo TERM >> "$STUB_LOG/signals"; exit 85\' TERM\n'
              'for _ in $(seq 300); do sleep 0.1; done\n',
@@ -348,7 +349,8 @@ def test_sweep_trial_follow_up_keeps_its_index(tmp_path: Path) -> None:
 
 
 def test_term_checkpoints_but_leaves_the_decision_to_the_scheduler(tmp_path: Path) -> None:
-    """qdel / preemption send TERM: the run checkpoints, and no follow-up is submitted."""
+    """qdel / preemption send TERM: the shell asks the launcher for a checkpoint (USR1, which mpirun
+    passes on, not TERM, which it answers by killing the ranks), and no follow-up is submitted."""
     def term_once_training(proc: subprocess.Popen[str], log: Path) -> None:
         deadline = time.monotonic() + 30
         while not (log / "spngd").exists() and time.monotonic() < deadline:
@@ -358,7 +360,7 @@ def test_term_checkpoints_but_leaves_the_decision_to_the_scheduler(tmp_path: Pat
 
     _, rc, elapsed, log = _run_pbs_script(tmp_path, ["--walltime", "01:00:00"], {}, term_once_training)
     assert rc == REQUEUE_EXIT and elapsed < 20
-    assert _read(log / "signals") == "TERM\n" and not (log / "qsub").exists()
+    assert _read(log / "signals") == "USR1\n" and not (log / "qsub").exists()
 
 
 # -- random search -----------------------------------------------------------------------------------
