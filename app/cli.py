@@ -212,8 +212,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
             if comm.rank == 0:
                 print(summary.final_line(), flush=True)
         except Diverged as exc:  # every rank at the same step: a clean exit, not an abort
-            if comm.rank == 0:
-                print(f"spngd: error: {exc}", file=sys.stderr, flush=True)
+            _report_once(comm.rank, exc)
             return DIVERGED_EXIT
         finally:
             comm.shutdown()
@@ -350,6 +349,15 @@ def _cmd_sweep_report(args: argparse.Namespace) -> int:
 _RANK0_GRACE_S = 10.0
 
 
+def _report_once(rank: int, exc: BaseException) -> None:
+    """Print an error every rank raised alike on rank 0 only; the others wait for it first, since mpirun
+    ends the job at the first non-zero exit and rank 0 must get to print its line."""
+    if rank == 0:
+        print(f"spngd: error: {exc}", file=sys.stderr, flush=True)
+    else:
+        time.sleep(_RANK0_GRACE_S)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     func: Callable[[argparse.Namespace], int] = args.func
@@ -358,10 +366,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as exc:
         from app.launch import global_rank  # from the rank variables alone: right even when discovery failed
 
-        if global_rank() == 0:
-            print(f"spngd: error: {exc}", file=sys.stderr, flush=True)
-        else:  # mpirun ends the job at the first non-zero exit: rank 0 must get to print its line first
-            time.sleep(_RANK0_GRACE_S)
+        _report_once(global_rank(), exc)
         return USAGE_EXIT
     except KeyboardInterrupt:
         return 130
