@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import logging
 import math
+import statistics
 import sys
 import time
+from collections import deque
 from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +24,12 @@ from app.comm import Comm
 from app.comm.grad_sync import GradientAverager
 from app.config import Config
 from app.data import build_loaders
+from app.errors import CheckpointError, Diverged
 from app.launch import World
 from app.metrics import Metrics, Summary
 from app.models import build_model
 from app.optim import build_criterion, build_optimizer, build_schedule
+from app.storage import full_disk_as_error
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +39,42 @@ class Requeue(SystemExit):
 
     def __init__(self) -> None:
         super().__init__(REQUEUE_EXIT)
+
+
+class LossWatch:
+    """``train.divergence_factor``'s rule on the rank-averaged step loss; every rank feeds it the same values.
+
+    The median of the last ``WINDOW`` steps (of all of them from the third step on, while fewer) rather
+    than the step loss, so a few bad batches of a noisy small-batch run cannot trip it, while an
+    explosion in the first steps is still measured against the loss at the start; and it must exceed
+    the first median as well as ``factor`` x the best, so a well-trained model whose loss is tiny is not
+    "diverged" by noise of a few hundredths.
+    """
+
+    WINDOW, FIRST = 9, 3
+
+    def __init__(self, factor: float) -> None:
+        self.factor = factor
+        self.recent: deque[float] = deque(maxlen=self.WINDOW)
+        self.first: float | None = None
+        self.best = math.inf
+
+    def check(self, step: int, loss: float, weights_finite: bool = True) -> None:
+        """Raise ``Diverged`` when ``loss`` (of optimiser step ``step``) or the weights that step made are
+        non-finite, or the median exploded."""
+        if not (math.isfinite(loss) and weights_finite):
+            what = "is not finite" if not math.isfinite(loss) else "but the weights it led to are not finite"
+            raise Diverged(f"training diverged at step {step}: loss {loss:.3g} {what}; no checkpoint written")
+        self.recent.append(loss)
+        if len(self.recent) < self.FIRST:
+            return
+        median = statistics.median(self.recent)
+        self.first = median if self.first is None else self.first
+        self.best = min(self.best, median)
+        if self.factor > 0 and median > max(self.factor * self.best, self.first):
+            raise Diverged(f"training diverged at step {step}: loss {loss:.3g} (median of the last "
+                           f"{len(self.recent)} steps {median:.3g}) > {self.factor:g} x best {self.best:.3g} "
+                           f"(train.divergence_factor); no checkpoint written")
 
 
 @dataclass
@@ -54,10 +93,10 @@ def _broadcast_text(comm: Comm, text: str) -> str:
 
 
 def make_run_dir(cfg: Config, comm: Comm) -> Path:
-    name = cfg.output.name or f"{cfg.name}-{datetime.now():%Y%m%d-%H%M%S}"
-    run_dir = Path(cfg.output.dir) / _broadcast_text(comm, name)
+    run_dir = Path(cfg.output.dir) / _broadcast_text(comm, config_mod.run_name(cfg))
     if comm.rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        with full_disk_as_error(run_dir):
+            run_dir.mkdir(parents=True, exist_ok=True)
         config_mod.dump(cfg, run_dir / "config.yaml")
     comm.barrier()
     return run_dir
@@ -100,7 +139,10 @@ class Trainer:
             torch.use_deterministic_algorithms(True)
         self.train_loader, self.val_loader, self.info = build_loaders(
             cfg, comm.rank, comm.size, device, seed=cfg.train.seed)
-        self.model = build_model(cfg.model, self.info.num_classes, in_channels=self.info.channels)
+        try:
+            self.model = build_model(cfg.model, self.info.num_classes, in_channels=self.info.channels)
+        except ValueError as exc:  # the model does not fit the data, e.g. model.num_classes too small
+            raise config_mod.ConfigError(str(exc)) from None
         self.model.to(device=device, dtype=self.dtype)
         for tensor in list(self.model.parameters()) + list(self.model.buffers()):
             comm.broadcast(tensor.data, root=0, name="setup")
@@ -128,6 +170,7 @@ class Trainer:
         torch.manual_seed(cfg.train.seed * 100_003 + comm.rank + 1)
         self._bn_stats = _running_stats(self.model)
         self.pos = _Position()
+        self._watched = [t for t in [*self.model.parameters(), *self.model.buffers()] if t.is_floating_point()]
         # unreadable images replaced so far, summed over ranks at each metrics log / validation
         self.skipped_images: dict[str, int] = {"train": 0, "val": 0}
 
@@ -290,6 +333,7 @@ class Trainer:
                 self.kfac.trace_layers(run_dir / "kfac_layers.csv")
             log.info("run %s: %d ranks, global batch %d, %d steps/epoch, %d steps", run_dir, comm.size,
                      self.global_batch, self.steps_per_epoch, self.total_steps)
+        watch = LossWatch(cfg.train.divergence_factor)
         stop = StopSignal()
         stop.install()
         self.model.train()
@@ -322,11 +366,13 @@ class Trainer:
                         metrics.log(row)
                     loss_acc.zero_()
                     window_t, window_imgs, data_s = time.monotonic(), 0, 0.0
+                stop_now, mean_loss, finite = self._stop_agreed(stop, loss)
+                watch.check(step, mean_loss, finite)  # before any checkpoint of this step
                 if self._val_due(step):
                     val = self._log_val(metrics, step)
                 if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0:
                     self._save(ckpt)
-                if self._stop_agreed(stop):
+                if stop_now:
                     self._save(ckpt)
                     if comm.rank == 0:
                         log.warning("signal received: checkpoint written at step %d, exiting with %d",
@@ -353,9 +399,16 @@ class Trainer:
                          "skipped_images": self.skipped_images["val"]})
         return loss, top1, top5
 
-    def _stop_agreed(self, stop: StopSignal) -> bool:
-        flag = torch.tensor([1.0 if stop.received else 0.0], device=self.device)
-        return self.comm.allreduce(flag, op="sum", name="signal").item() > 0
+    def _stop_agreed(self, stop: StopSignal, loss: torch.Tensor) -> tuple[bool, float, bool]:
+        """One small allreduce per step, so all ranks take the same stop decisions: whether any rank got a
+        signal, the step loss averaged over the ranks (non-finite when any rank's is), and whether the
+        weights and buffers the step left are finite on every rank (the loss only vouches for the
+        weights before the step, and a checkpoint holds those after it)."""
+        finite = torch.isfinite(nn.utils.get_total_norm(self._watched, norm_type=math.inf))  # fused max |x|
+        packed = torch.stack([torch.tensor(1.0 if stop.received else 0.0, dtype=torch.float64, device=self.device),
+                              loss.to(device=self.device, dtype=torch.float64), (~finite).to(torch.float64)])
+        flag, total, broken = self.comm.allreduce(packed, op="sum", name="signal").tolist()
+        return flag > 0, total / self.comm.size, broken == 0
 
     def _save(self, ckpt: Checkpointer) -> None:
         state = self.state_dict()  # collective (RNG gather): every rank calls it
@@ -376,9 +429,39 @@ class Trainer:
         else:
             path = Path(which)
             state = load_checkpoint(path)
+        self._check_fits(state, path)
         self.load_state_dict(state)
         if self.comm.rank == 0:
             log.info("resumed from %s at step %d", path, self.pos.step)
+
+    def _check_fits(self, state: dict[str, Any], path: Path) -> None:
+        """One line when ``state`` cannot continue this run (another program, model or optimiser), instead
+        of load_state_dict's list of every mismatched key."""
+        absent = [k for k in ("step", "world_size", "model", "optimizer", "schedule", "scaler", "kfac", "rng")
+                  if k not in state]
+        if absent or not isinstance(state["model"], dict):
+            raise CheckpointError(f"checkpoint {path} was not written by spngd train (it has no "
+                                  f"{absent[0] if absent else 'model state dict'!r})")
+        saved = state.get("config")
+        for section, key in (("model", "arch"), ("optim", "name")):
+            was = saved.get(section, {}).get(key) if isinstance(saved, dict) else None
+            now = getattr(getattr(self.cfg, section), key)
+            if was is not None and was != now:
+                raise CheckpointError(f"checkpoint {path} was written for {section}.{key}={was} (its config), "
+                                      f"this run has {section}.{key}={now}")
+        own, theirs = self.model.state_dict(), state["model"]
+        missing = [k for k in own if k not in theirs]
+        unexpected = [k for k in theirs if k not in own]
+        if missing or unexpected:
+            first = f"first missing: {missing[0]}" if missing else f"first unexpected: {unexpected[0]}"
+            raise CheckpointError(f"checkpoint {path} does not fit this {self.cfg.model.arch}: {len(missing)} "
+                                  f"tensors missing, {len(unexpected)} unexpected ({first})")
+        for k, tensor in own.items():
+            other = theirs[k]
+            if not isinstance(other, torch.Tensor) or other.shape != tensor.shape:
+                shape = list(other.shape) if isinstance(other, torch.Tensor) else type(other).__name__
+                raise CheckpointError(f"checkpoint {path} does not fit this run: {k} is {shape} there, "
+                                      f"{list(tensor.shape)} here (model.num_classes or the data differ?)")
 
 
 def _running_stats(model: nn.Module) -> dict[str, torch.Tensor]:
