@@ -178,8 +178,9 @@ def summarise(rows: Sequence[dict[str, object]], max_steps: int) -> list[dict[st
     table: list[dict[str, str]] = []
     for method in dict.fromkeys(str(r["method"]) for r in rows):
         best: list[dict[str, object]] = []
-        for seed in dict.fromkeys(r["seed"] for r in rows):
-            mine = [r for r in rows if r["method"] == method and r["seed"] == seed]
+        ours = [r for r in rows if r["method"] == method]
+        for seed in dict.fromkeys(r["seed"] for r in ours):
+            mine = [r for r in ours if r["seed"] == seed]
             hit = [r for r in mine if r["steps"] is not None]
             best.append(min(hit, key=lambda r: (int(str(r["steps"])), float(str(r["seconds"])))) if hit
                         else {**mine[0], "lr": "-"})
@@ -201,6 +202,24 @@ def markdown(table: Sequence[dict[str, str]], header: str) -> str:
     return "\n".join(lines)
 
 
+def merged(paths: Sequence[Path], target: float, max_steps: int) -> tuple[list[dict[str, object]], str]:
+    """The runs of earlier ``--out`` JSON files (e.g. one process per seed on a many-core machine)
+    and where and when they ran; every file must have the same target and step cap."""
+    rows: list[dict[str, object]] = []
+    where: list[str] = []
+    for path in paths:
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise SystemExit(f"time_to_accuracy: cannot read {path}: {exc}") from None
+        if (data.get("target", target), data.get("max_steps", max_steps)) != (target, max_steps):
+            raise SystemExit(f"time_to_accuracy: {path} has target {data.get('target')} and max steps "
+                             f"{data.get('max_steps')}, not {target} and {max_steps}")
+        rows += data["runs"]
+        where.append(str(data["header"]).split("; ", 1)[1])
+    return rows, " / ".join(dict.fromkeys(where))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=_parse_seeds, default=SEEDS, help="comma-separated (default 1,2,3)")
@@ -211,16 +230,22 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="SGD's lr grid (0.4,0.8,1.6,3.2)")
     parser.add_argument("--out", type=Path, help="write the runs and the table here (.json, or .csv for the runs)")
     parser.add_argument("--quick", action="store_true", help="one seed (the first), for a smoke check")
+    parser.add_argument("--merge", type=Path, nargs="+", metavar="JSON",
+                        help="tabulate the runs of earlier --out JSON files instead of running")
     args = parser.parse_args(argv)
-    seeds = args.seeds[:1] if args.quick else args.seeds
-    torch.set_num_threads(1)
-    with tempfile.TemporaryDirectory(prefix="tta-") as tmp:
-        rows = run_all(seeds, args.target, args.max_steps, args.sgd_lrs, Path(tmp))
+    if args.merge:
+        rows, where = merged(args.merge, args.target, args.max_steps)
+    else:
+        torch.set_num_threads(1)
+        with tempfile.TemporaryDirectory(prefix="tta-") as tmp:
+            rows = run_all(args.seeds[:1] if args.quick else args.seeds, args.target, args.max_steps, args.sgd_lrs,
+                           Path(tmp))
+        when = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+        where = f"{cpu_model()}, torch threads {torch.get_num_threads()}, {when}"
     table = summarise(rows, args.max_steps)
-    when = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    seeds = ",".join(str(s) for s in dict.fromkeys(r["seed"] for r in rows))
     header = (f"Steps and training seconds to {args.target:g} windowed train accuracy ({WINDOW} steps), "
-              f"max {args.max_steps} steps, seeds {','.join(map(str, seeds))}; {cpu_model()}, "
-              f"torch threads {torch.get_num_threads()}, {when}")
+              f"max {args.max_steps} steps, seeds {seeds}; {where}")
     print(markdown(table, header))
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -230,7 +255,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 writer.writeheader()
                 writer.writerows(rows)
         else:
-            args.out.write_text(json.dumps({"header": header, "runs": rows, "table": table}, indent=1) + "\n")
+            args.out.write_text(json.dumps({"header": header, "target": args.target, "max_steps": args.max_steps,
+                                            "runs": rows, "table": table}, indent=1) + "\n")
     return 0
 
 
