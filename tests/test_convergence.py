@@ -93,6 +93,7 @@ def test_summary_takes_each_seeds_best_run_and_marks_unreached_medians() -> None
     assert tta.summarise(rows[4:6] + rows[6:], 100)[0]["median_steps"] == "> 100"
 
 
+@pytest.mark.slow  # four Trainer set-ups and 20 steps: about 30 s on an idle core
 def test_time_to_accuracy_quick_mode_runs_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """The benchmark's --quick mode on a handful of steps: every method runs and is tabulated."""
     tta = time_to_accuracy()
