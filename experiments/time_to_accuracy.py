@@ -153,8 +153,8 @@ def run_all(seeds: Sequence[int], target: float, max_steps: int, sgd_lrs: Sequen
     def record(method: str, seed: int, lr: float, reached: Reached) -> None:
         rows.append({"method": method, "seed": seed, "lr": lr, "steps": reached.steps,
                      "seconds": round(reached.seconds, 2)})
-        print(f"# seed {seed} {method} lr={lr}: {reached.steps or 'not'} reached in {reached.seconds:.1f} s",
-              file=sys.stderr, flush=True)
+        outcome = f"reached in {reached.steps} steps" if reached.steps is not None else "not reached"
+        print(f"# seed {seed} {method} lr={lr}: {outcome} ({reached.seconds:.1f} s)", file=sys.stderr, flush=True)
 
     first = sgd_lrs[len(sgd_lrs) // 2]
     for seed in seeds:
