@@ -141,8 +141,15 @@ def _parse_steps(text: str) -> int:
     return value
 
 
+def _parse_methods(text: str) -> tuple[str, ...]:
+    methods = tuple(m.strip().lower() for m in text.split(","))
+    if not methods or not set(methods) <= {"sgd", "kfac"}:
+        raise argparse.ArgumentTypeError(f"--methods {text!r} must be sgd, kfac or sgd,kfac")
+    return methods
+
+
 def run_all(seeds: Sequence[int], target: float, max_steps: int, sgd_lrs: Sequence[float],
-            out_dir: Path) -> list[dict[str, object]]:
+            out_dir: Path, methods: Sequence[str] = ("sgd", "kfac")) -> list[dict[str, object]]:
     """One row per run: method, seed, lr, steps (None = not reached within its cap), seconds.
 
     Only SGD's best lr per seed is reported, so each SGD run stops at the fewest steps another lr
@@ -159,13 +166,13 @@ def run_all(seeds: Sequence[int], target: float, max_steps: int, sgd_lrs: Sequen
     first = sgd_lrs[len(sgd_lrs) // 2]
     for seed in seeds:
         best: int | None = None
-        for lr in sorted(sgd_lrs, key=lambda x: x != first):
+        for lr in sorted(sgd_lrs, key=lambda x: x != first) if "sgd" in methods else ():
             reached = steps_to_target(overrides(seed, lr, schedule_steps=max_steps), best or max_steps, out_dir,
                                       target)
             record("SGD", seed, lr, reached)
             if reached.steps is not None and (best is None or reached.steps < best):
                 best, first = reached.steps, lr
-        for name, kfac in KFAC_VARIANTS.items():
+        for name, kfac in KFAC_VARIANTS.items() if "kfac" in methods else ():
             record(name, seed, KFAC_LR, steps_to_target(overrides(seed, KFAC_LR, kfac, max_steps), max_steps,
                                                         out_dir, target))
     return rows
@@ -230,6 +237,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="SGD's lr grid (0.4,0.8,1.6,3.2)")
     parser.add_argument("--out", type=Path, help="write the runs and the table here (.json, or .csv for the runs)")
     parser.add_argument("--quick", action="store_true", help="one seed (the first), for a smoke check")
+    parser.add_argument("--methods", type=_parse_methods, default=("sgd", "kfac"),
+                        help="sgd, kfac (its three variants) or both (default): to split seeds and methods "
+                             "over processes, then --merge")
     parser.add_argument("--merge", type=Path, nargs="+", metavar="JSON",
                         help="tabulate the runs of earlier --out JSON files instead of running")
     args = parser.parse_args(argv)
@@ -239,7 +249,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.set_num_threads(1)
         with tempfile.TemporaryDirectory(prefix="tta-") as tmp:
             rows = run_all(args.seeds[:1] if args.quick else args.seeds, args.target, args.max_steps, args.sgd_lrs,
-                           Path(tmp))
+                           Path(tmp), args.methods)
         when = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
         where = f"{cpu_model()}, torch threads {torch.get_num_threads()}, {when}"
     table = summarise(rows, args.max_steps)
