@@ -37,19 +37,18 @@ for good (the first case would otherwise carry ~100 MB of them). Approximate; ``
 
 from __future__ import annotations
 
-import argparse
 import ctypes
 import dataclasses
 import gc
 import itertools
 import json
+import logging
 import math
 import os
 import platform
 import shlex
-import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -61,9 +60,9 @@ from torch import Tensor, nn
 
 from app import config as config_mod
 from app import launch
-from app.cli import UserError
 from app.config import Config, ModelConfig, TrainConfig
 from app.data import build_loaders
+from app.errors import UserError
 from app.kfac import KFAC
 from app.models import build_model
 from app.optim import build_criterion, build_optimizer
@@ -76,6 +75,8 @@ BENCH_LR = 1e-5
 """The default ``optim.lr`` (``--set`` changes it): timing does not depend on it, but training one
 repeated random batch at a real lr diverges within a few K-FAC steps and then times NaN paths."""
 MAX_PROBE_CYCLES = 4  # instrumented 4-step cycles per case: enough to average, cheap next to --steps
+
+log = logging.getLogger(__name__)
 
 Lap = Callable[[str], None]
 
@@ -119,7 +120,28 @@ class Case:
         return out
 
 
-# -- command line ------------------------------------------------------------------------------
+# -- options -----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Options:
+    """The ``spngd bench`` options as typed (lists are comma-separated; defaults and help in ``app.cli``)."""
+
+    model: str
+    batch: str
+    precision: str
+    channels_last: str
+    optim: str
+    factor_interval: str
+    inverse_interval: str
+    steps: int
+    warmup: int
+    image_size: int
+    classes: int
+    device: str
+    out: str | None
+    config: str | None
+    overrides: Sequence[str]
+
+
 def _items(flag: str, text: str) -> list[str]:
     items = [s.strip() for s in text.split(",")]
     if not all(items):
@@ -153,10 +175,10 @@ def _config_choices(section: type, key: str) -> tuple[str, ...]:
     return next(f.metadata["choices"] for f in dataclasses.fields(section) if f.name == key)
 
 
-def plan(args: argparse.Namespace) -> list[tuple[Case, Config]]:
-    """The cases of the ``spngd bench`` options (comma-separated lists, see ``app.cli``), each with its
-    validated configuration. Every input error surfaces here, before any work. Within a group the SGD
-    case comes first, so each K-FAC row's ratio is known as soon as the row is."""
+def plan(args: Options) -> list[tuple[Case, Config]]:
+    """The cases of the ``spngd bench`` options, each with its validated configuration. Every input error
+    surfaces here, before any work. Within a group the SGD case comes first, so each K-FAC row's ratio is
+    known as soon as the row is."""
     if args.steps < 1 or args.warmup < 0:
         raise UserError(f"bench: need --steps >= 1 and --warmup >= 0 (got {args.steps}, {args.warmup})")
     models = _choices("--model", args.model, _config_choices(ModelConfig, "arch"))
@@ -255,7 +277,7 @@ class _Run:
             self.sync()
             last = time.perf_counter()
 
-            def lap(name: str) -> None:
+            def lap(name: str, times: dict[str, float] = times) -> None:  # this step's dict, bound now
                 nonlocal last
                 self.sync()
                 now = time.perf_counter()
@@ -353,8 +375,8 @@ def measure(case: Case, cfg: Config, device: torch.device, steps: int, warmup: i
         fallbacks = {k: stats[k] for k in ("kfac_nan_skips", "kfac_fp64_retries", "kfac_damping_retries")
                      if stats.get(k)}
         if fallbacks:
-            print(f"bench: warning: {case.label} took K-FAC fallback paths during timing, so its times are "
-                  f"not representative (diverged? lower --set optim.lr): {fallbacks}", file=sys.stderr)
+            log.warning("bench: warning: %s took K-FAC fallback paths during timing, so its times are not "
+                        "representative (diverged? lower --set optim.lr): %s", case.label, fallbacks)
     phase_s = _phase_seconds(run, cfg, steps)
     del run  # before case_gib: the CPU figure subtracts what remains afterwards
     peak_gib = memory.case_gib(peak)
@@ -417,7 +439,7 @@ def _write(path: Path, doc: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def _command(args: argparse.Namespace) -> str:
+def _command(args: Options) -> str:
     """The command line that reproduces this run, however it was invoked."""
     parts = ["spngd", "bench"]
     for key in ("model", "batch", "precision", "channels_last", "optim", "factor_interval", "inverse_interval",
@@ -430,36 +452,43 @@ def _command(args: argparse.Namespace) -> str:
     return shlex.join(parts)
 
 
-def run(args: argparse.Namespace) -> int:
-    """The ``spngd bench`` command: measure every planned case, print the table, write the JSON."""
-    cases = plan(args)
-    device = launch.select_device(launch.World(0, 1, 0, 1, "single"), args.device)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # autotuned during warm-up, as a tuned training run would be
-    doc: dict[str, Any] = {
-        "date": datetime.now(UTC).isoformat(timespec="seconds"), "device": _device_name(device),
-        "torch": torch.__version__, "command": _command(args), "steps": args.steps,
-        "warmup": args.warmup, "image_size": args.image_size, "classes": args.classes, "rows": []}
-    out = Path(args.out) if args.out else None
-    if out is not None:
-        try:
-            _write(out, doc)
-        except OSError as exc:
-            raise UserError(f"bench: cannot write --out {args.out}: {exc.strerror}") from None
-    sgd_ms: dict[tuple[str, int, str, bool], float] = {}
-    for i, (case, cfg) in enumerate(cases, 1):
-        row = measure(case, cfg, device, args.steps, args.warmup)
-        if case.optim == "sgd":
-            sgd_ms[case.group] = row["ms_per_step"]
-        if case.group in sgd_ms:
-            row["ratio_to_sgd"] = round(row["ms_per_step"] / sgd_ms[case.group], 3)
-        doc["rows"].append(row)
-        if out is not None:
-            _write(out, doc)
-        ratio = "" if row["ratio_to_sgd"] is None else f" ({row['ratio_to_sgd']:.2f}x SGD)"
-        print(f"bench: [{i}/{len(cases)}] {case.label}: {row['ms_per_step']:.1f} ms/step{ratio}",
-              file=sys.stderr, flush=True)
-    print(f"# {doc['device']}, torch {doc['torch']}, {args.image_size}x{args.image_size}, "
-          f"{args.classes} classes, >= {args.steps} timed steps after {args.warmup} warm-up; phases in ms/step")
-    print(table(doc["rows"]))
-    return 0
+class Bench:
+    """One ``spngd bench`` run: the planned cases (every input error surfaces on construction, before
+    any work), the device, and the JSON document that ``rows`` fills."""
+
+    def __init__(self, args: Options) -> None:
+        self.args = args
+        self.cases = plan(args)
+        self.device = launch.select_device(launch.World(0, 1, 0, 1, "single"), args.device)
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # autotuned during warm-up, as a tuned training run would be
+        self.doc: dict[str, Any] = {
+            "date": datetime.now(UTC).isoformat(timespec="seconds"), "device": _device_name(self.device),
+            "torch": torch.__version__, "command": _command(args), "steps": args.steps,
+            "warmup": args.warmup, "image_size": args.image_size, "classes": args.classes, "rows": []}
+        self.out = Path(args.out) if args.out else None
+        if self.out is not None:
+            try:
+                _write(self.out, self.doc)
+            except OSError as exc:
+                raise UserError(f"bench: cannot write --out {args.out}: {exc.strerror}") from None
+
+    def rows(self) -> Iterator[tuple[Case, dict[str, Any]]]:
+        """Measure every case in order; each row is in the document (and the --out file) when yielded."""
+        sgd_ms: dict[tuple[str, int, str, bool], float] = {}
+        for case, cfg in self.cases:
+            row = measure(case, cfg, self.device, self.args.steps, self.args.warmup)
+            if case.optim == "sgd":
+                sgd_ms[case.group] = row["ms_per_step"]
+            if case.group in sgd_ms:
+                row["ratio_to_sgd"] = round(row["ms_per_step"] / sgd_ms[case.group], 3)
+            self.doc["rows"].append(row)
+            if self.out is not None:
+                _write(self.out, self.doc)
+            yield case, row
+
+    def header(self) -> str:
+        """The line above the table: device, torch, input and step counts."""
+        a = self.args
+        return (f"# {self.doc['device']}, torch {self.doc['torch']}, {a.image_size}x{a.image_size}, "
+                f"{a.classes} classes, >= {a.steps} timed steps after {a.warmup} warm-up; phases in ms/step")

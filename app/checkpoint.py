@@ -18,16 +18,15 @@ from typing import Any
 
 import torch
 
+from app.errors import CheckpointError
+from app.preempt import STOP_SIGNALS
+
 log = logging.getLogger(__name__)
 
 #: Exit code after a signal-triggered checkpoint; job scripts requeue or chain on it.
 REQUEUE_EXIT = 85
 
 _NAME = re.compile(r"^ckpt-(\d{8})\.pt$")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that was asked for explicitly cannot be used."""
 
 
 def _sha256(path: Path) -> str:
@@ -109,24 +108,31 @@ def load(path: Path) -> dict[str, Any]:
 
 
 class StopSignal:
-    """Remembers SIGUSR1/SIGTERM so the loop can checkpoint at the next step boundary.
+    """Remembers SIGUSR1/SIGTERM/SIGUSR2 so the loop can checkpoint at the next step boundary.
 
     Handlers only set a flag: the ranks then agree (one tiny allreduce per step) so all of them
-    save and exit together, whichever rank the scheduler signalled.
+    save and exit together, whichever rank the scheduler signalled. The signals are also unblocked:
+    ``spngd launch`` starts the launcher with TERM blocked, and a launcher that does not reset the
+    mask (as Open MPI's does) would otherwise hand a rank that can never see scancel's TERM.
     """
 
     def __init__(self) -> None:
         self.received: int | None = None
         self._previous: dict[int, Any] = {}
+        self._mask: set[int | signal.Signals] | None = None
 
     def install(self) -> None:
-        for sig in (signal.SIGUSR1, signal.SIGTERM):
+        for sig in STOP_SIGNALS:
             self._previous[sig] = signal.signal(sig, self._handle)
+        self._mask = signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 
     def _handle(self, signum: int, _frame: Any) -> None:
         self.received = signum
 
     def uninstall(self) -> None:
+        if self._mask is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, self._mask)
+            self._mask = None
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()

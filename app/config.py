@@ -14,9 +14,7 @@ from typing import Any
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A bad configuration value; the message is one line meant for the user."""
+from app.errors import ConfigError
 
 
 def _f(default: Any, help: str, *, choices: tuple[Any, ...] | None = None,
@@ -25,7 +23,7 @@ def _f(default: Any, help: str, *, choices: tuple[Any, ...] | None = None,
     """A dataclass field carrying its help text and its allowed range."""
     meta = {"help": help, "choices": choices, "ge": ge, "gt": gt, "le": le, "lt": lt}
     if isinstance(default, (list, dict)):
-        return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
 
 

@@ -25,13 +25,10 @@ import torch.distributed as dist
 
 from app.comm.base import Comm, CommError
 from app.config import CommConfig
+from app.errors import LaunchError, UserError
 
 if TYPE_CHECKING:
     from mpi4py import MPI
-
-
-class LaunchError(RuntimeError):
-    """The job's environment does not describe a usable launch; the message is one line."""
 
 
 @dataclass(frozen=True)
@@ -110,6 +107,18 @@ def discover(env: Mapping[str, str] = os.environ) -> World:
                               f"local rank {local_rank} of {local_size}")
         return World(rank, size, local_rank, local_size, launcher)
     return World(0, 1, 0, 1, "single")
+
+
+def global_rank(env: Mapping[str, str] = os.environ) -> int:
+    """This process's global rank from the launchers' rank variables alone, 0 if none parses.
+
+    Decides who prints an error that every rank sees: it must work exactly when ``discover``
+    fails (e.g. MPICH's MPI_LOCALRANKID without MPI_LOCALNRANKS), so it reads nothing else.
+    """
+    for _, rank_var, _, _, _ in _SOURCES:
+        with contextlib.suppress(KeyError, ValueError):
+            return int(env[rank_var])
+    return 0
 
 
 def select_device(world: World, requested: str) -> torch.device:
@@ -245,18 +254,18 @@ def describe_failure(exc: BaseException, rank: int) -> str:
 
 
 @contextlib.contextmanager
-def abort_on_error(world: World, passthrough: tuple[type[BaseException], ...] = ()) -> Iterator[None]:
+def abort_on_error(world: World) -> Iterator[None]:
     """Wrap a rank's main: an exception on any rank ends every rank promptly, non-zero.
 
     The failing rank reports once and aborts the job. An error raised inside a collective is
     usually the echo of a peer that died first, so such a rank waits a few seconds for the launcher
     to kill it before reporting (keeping 1,000-rank logs to the one real error). ``SystemExit``
-    (a deliberate exit every rank takes, such as checkpoint-and-requeue) and the ``passthrough``
-    types (input errors every rank sees alike) propagate to the caller unchanged.
+    (a deliberate exit every rank takes, such as checkpoint-and-requeue) and ``UserError`` (input
+    errors every rank sees alike) propagate to the caller unchanged.
     """
     try:
         yield
-    except (SystemExit, *passthrough):
+    except (SystemExit, UserError):
         raise
     except KeyboardInterrupt:
         abort(130)

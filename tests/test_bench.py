@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from app import bench
-from app.cli import build_parser, main
+from app.cli import build_parser, fill, main
 
 REPO = Path(__file__).resolve().parents[1]
 ROW_KEYS = {"model", "batch", "precision", "channels_last", "optim", "factor_interval", "inverse_interval",
@@ -60,7 +60,7 @@ def test_plan_is_the_cross_product_with_sgd_first() -> None:
         ["bench", "--model", "cifar_resnet20", "--batch", "32,128", "--precision", "fp32,bf16", "--channels-last",
          "on", "--optim", "kfac,sgd", "--factor-interval", "1,10", "--inverse-interval", "1,100",
          "--image-size", "48", "--set", "kfac.damping=0.01"])
-    planned = bench.plan(args)
+    planned = bench.plan(fill(bench.Options, args))
     assert len(planned) == 2 * 2 * 4  # batches x precisions x (sgd + three consistent interval pairs)
     first = [(c.optim, c.factor_interval, c.inverse_interval) for c, _ in planned[:4]]
     assert first == [("sgd", None, None), ("kfac", 1, 1), ("kfac", 1, 100), ("kfac", 10, 100)]

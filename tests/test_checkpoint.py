@@ -69,9 +69,11 @@ def test_final_line_round_trip() -> None:
                 run_dir=Path("runs/demo"))
     line = s.final_line()
     assert line == ("FINAL val_top1=0.9765 val_loss=0.0800 epochs=8 steps=496 time_s=101.2 img_per_s=310.0 "
-                    "run_dir=runs/demo")
+                    "run_dir=runs/demo skipped_images=0")
     assert parse_final_line(line) == {"val_top1": 0.9765, "val_loss": 0.08, "epochs": 8, "steps": 496,
-                                      "time_s": 101.2, "img_per_s": 310.0, "run_dir": "runs/demo"}
+                                      "time_s": 101.2, "img_per_s": 310.0, "run_dir": "runs/demo",
+                                      "skipped_images": 0}
+    assert parse_final_line(line.rsplit(" ", 1)[0])["steps"] == 496  # lines of older versions still parse
 
 
 def test_metrics_csv_tensorboard_and_plot(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -6,11 +6,13 @@ so every output image tells which file it came from, whatever the augmentation d
 
 from __future__ import annotations
 
+import csv
 import errno
 import fcntl
 import gzip
 import importlib.util
 import logging
+import os
 import sys
 import threading
 import time
@@ -19,12 +21,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from mpi_helpers import REPO, run_mpi, skip_unless_runnable
 from PIL import Image
 
 from app.config import Config, load
 from app.data import PAD, DataError, build_loaders, bundled
 from app.data.bundled import export, mnist5k_csv
 from app.data.common import MEAN_255, STD_255, ShardPlan
+from app.metrics import parse_final_line
 
 CPU = torch.device("cpu")
 
@@ -198,6 +202,84 @@ def test_bad_images_are_skipped_counted_and_warned_once(tmp_path: Path, backend:
     assert scored == 4  # the unreadable val image is not scored
     warned = [r.getMessage() for r in caplog.records if "skipping unreadable image" in r.getMessage()]
     assert len(warned) == 4 and all("\n" not in w for w in warned)  # one line per bad file
+
+
+def _add_non_files(folder: Path) -> None:
+    """Image-named entries that are not files: a symlink loop (2 entries), a dangling link, a
+    directory and a FIFO (which would block a reader that opened it). Root can read a chmod-000
+    file, so these and corrupt files are the unreadable kinds a test running as root can make."""
+    os.symlink("loop2.jpg", folder / "loop1.jpg")
+    os.symlink("loop1.jpg", folder / "loop2.jpg")
+    os.symlink("nowhere.jpg", folder / "dangling.jpg")
+    (folder / "dir.jpg").mkdir()
+    os.mkfifo(folder / "fifo.jpg")
+
+
+def _warnings(caplog: pytest.LogCaptureFixture, text: str) -> list[str]:
+    return [r.getMessage() for r in caplog.records if text in r.getMessage()]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_files_and_dead_classes_are_skipped_counted_and_warned(tmp_path: Path, backend: str,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
+    root = make_dataset(tmp_path, {"a": 3, "b": 2, "c": 0}, {"a": 1, "b": 1, "c": 1})
+    _add_non_files(root / "train/a")  # 5 of a's 8 entries
+    for name in ("x.jpg", "y.jpg"):  # class c: every file corrupt, found only by decoding
+        (root / "train/c" / name).write_bytes(b"\xff\xd8 not a jpeg")
+    os.symlink("gone.png", root / "val/b/dangling.png")
+    train, val, info = build_loaders(config(root, backend), 0, 1, CPU, seed=1)
+    assert (info.train_size, info.val_size) == (12, 4)  # non-files keep their slot: the plan ignores them
+    with caplog.at_level(logging.WARNING, logger="app.data"):
+        for epoch in (0, 1):
+            for x, y in train.epoch(epoch):
+                assert x.shape == (2, 3, 8, 8) and set(y.tolist()) <= {0, 1}  # no image of class c
+        scored = sum(int((y != PAD).sum()) for _, y in val.epoch(0))
+    assert train.skipped == 2 * 7 and val.skipped == 1  # every used slot of a bad entry, each epoch
+    assert scored == 3
+    files = _warnings(caplog, "skipping unreadable image")
+    assert len(files) == 8  # once per bad entry, not per epoch
+    for name, reason in (("loop1.jpg", "symlink loop"), ("dangling.jpg", "dangling symlink"),
+                         ("dir.jpg", "a directory"), ("fifo.jpg", "a FIFO")):
+        assert any(name in w and reason in w for w in files), (name, files)
+    dead = _warnings(caplog, "has no readable image")
+    assert len(dead) == 1 and "class 'c'" in dead[0] and "train" in dead[0], dead
+
+
+def test_class_of_only_non_files_is_refused_at_scan(tmp_path: Path) -> None:
+    root = make_dataset(tmp_path, {"a": 2, "b": 0}, {"a": 1, "b": 1})
+    _add_non_files(root / "train/b")
+    message = _error(root)
+    assert f"'{root / 'train/b'}' holds no readable image" in message and "all 5 entries" in message
+
+
+@pytest.mark.mpi
+def test_skips_of_every_rank_are_summed_in_metrics_and_final_line(tmp_path: Path) -> None:
+    """2 ranks: val is dealt round-robin in file order, so rank 0 meets val/a/000 and rank 1
+    val/a/001; train's 3 bad entries are shuffled over both ranks. One rank's count would be short."""
+    skip_unless_runnable()
+    root = make_dataset(tmp_path / "ds", {"a": 6, "b": 5}, {"a": 2, "b": 2})
+    for name in ("train/a/000.png", "val/a/000.png"):
+        (root / name).write_bytes(b"corrupt")
+    os.symlink("loop.png", root / "train/b/loop.png")
+    (root / "train/b/001.png").unlink()
+    os.symlink("001.png", root / "train/b/001.png")  # a self loop where a good image was
+    (root / "val/a/001.png").unlink()
+    (root / "val/a/001.png").mkdir()
+    rc, out = run_mpi(2, Path(sys.executable).parent / "spngd", "train", "--config", str(REPO / "configs/smoke.yaml"),
+                      *(f"--set={kv}" for kv in (f"data.path={root}", "data.image_size=8", "data.val_resize=8",
+                                                 "data.batch_size=2", "data.workers=0", "train.max_steps=0",
+                                                 "train.epochs=2", "train.val_every=1", "train.log_every=1",
+                                                 f"output.dir={tmp_path}", "output.name=run", "output.plot=false")),
+                      timeout=240)
+    assert rc == 0, out
+    with (tmp_path / "run/metrics.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    train_rows, val_rows = [r for r in rows if r["kind"] == "train"], [r for r in rows if r["kind"] == "val"]
+    assert len(train_rows) == 6 and len(val_rows) == 2, rows  # 12 entries / (2 ranks x 2) = 3 steps per epoch
+    assert int(train_rows[-1]["skipped_images"]) == 2 * 3  # 3 bad entries, all used, 2 epochs
+    assert [int(r["skipped_images"]) for r in val_rows] == [2, 4]  # cumulative over validations
+    finals = [parse_final_line(line) for line in out.splitlines() if line.startswith("FINAL ")]
+    assert len(finals) == 1 and finals[0]["skipped_images"] == 6 + 4, out
 
 
 # --- dataset errors -----------------------------------------------------------------------------

@@ -27,7 +27,8 @@ def sequence(steps: int, noise: list[float], seed: int) -> list[tuple[Tensor, Te
     base_a, base_g = torch.eye(4, dtype=torch.float64) * 2, torch.eye(3, dtype=torch.float64)
     out = []
     for t in range(steps):
-        da, dg = torch.randn(4, 4, generator=g, dtype=torch.float64), torch.randn(3, 3, generator=g, dtype=torch.float64)
+        da = torch.randn(4, 4, generator=g, dtype=torch.float64)
+        dg = torch.randn(3, 3, generator=g, dtype=torch.float64)
         out.append((base_a + noise[t] * (da + da.T), base_g + noise[t] * (dg + dg.T)))
     return out
 

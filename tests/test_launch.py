@@ -66,6 +66,15 @@ def test_discover_rejects_bad_environments(env: dict[str, str], message: str) ->
     assert "\n" not in str(info.value)
 
 
+@pytest.mark.parametrize("env, rank", [
+    ({}, 0), (OMPI, 5), (MPICH, 3), (HOROVOD, 2), (SLURM, 6), ({**BATCH_SHELL, **OMPI}, 5),
+    ({"PMI_RANK": "3", "MPI_LOCALRANKID": "1"}, 3),  # discover() refuses this layout; the rank is still known
+    ({"OMPI_COMM_WORLD_RANK": "x", "SLURM_PROCID": "4"}, 4),  # the first rank variable that parses
+])
+def test_global_rank_needs_only_the_rank_variables(env: dict[str, str], rank: int) -> None:
+    assert launch.global_rank(env) == rank
+
+
 def test_choose_backend() -> None:
     assert launch.choose_backend("auto", HOROVOD) == "horovod"
     assert launch.choose_backend("auto", OMPI) == "torch"

@@ -4,7 +4,6 @@ SLURM and Grid Engine runs (tests/schedulers.py brings the daemons up)."""
 
 from __future__ import annotations
 
-import argparse
 import csv
 import os
 import re
@@ -24,9 +23,9 @@ import yaml
 
 from app import config as config_mod
 from app.checkpoint import REQUEUE_EXIT
-from app.cli import build_parser, main
+from app.cli import build_parser, fill, main
 from app.config import ConfigError
-from app.submit import build_job, render, schedulers
+from app.submit import Request, build_job, render, schedulers
 from app.submit import sweep as sweep_mod
 
 if TYPE_CHECKING:
@@ -42,8 +41,8 @@ NOW = datetime(2026, 11, 22, 12, 0, 0)
 SYSTEMS = render.available_systems()
 
 
-def _args(*argv: str) -> argparse.Namespace:
-    return build_parser().parse_args(["submit", *argv])
+def _args(*argv: str) -> Request:
+    return fill(Request, build_parser().parse_args(["submit", *argv]))
 
 
 def _render(argv: list[str], workdir: Path = WORKDIR, python_bin: Path = WORKDIR / ".venv/bin") -> tuple[
@@ -144,7 +143,7 @@ _GRAMMAR = {
     "pbs": ("#PBS", [r"-N [A-Za-z][\w.-]{0,62}", r"-q \w+", r"-l select=\d+(:\w+=[\w.]+)+",
                      r"-l walltime=\d+:[0-5]\d:[0-5]\d", r"-P \w+", r"-j oe", r"-J \d+-\d+(:\d+)?"]),
     "sge": ("#$", [r"-N [A-Za-z][\w.-]{0,62}", r"-cwd", r"-j y", r"-o /\S+/", r"-l h_rt=\d+:[0-5]\d:[0-5]\d",
-                   r"-l (rt_F|node_f|f_node)=\d+", r"-pe \w+ \d+", r"-V"]),
+                   r"-l (rt_F|node_f|f_node)=\d+", r"-pe \w+ \d+", r"-V", r"-notify"]),
     "slurm": ("#SBATCH", [r"--(job-name|output|account|partition)=\S+",
                           r"--(nodes|ntasks-per-node|cpus-per-task|gpus-per-node)=\d+",
                           r"--time=\d+:[0-5]\d:[0-5]\d", r"--open-mode=append", r"--requeue", r"--signal=B:USR1@\d+"]),
@@ -247,14 +246,36 @@ def test_dry_run_prints_the_script_and_writes_nothing(in_repo: None, capsys: pyt
     assert out.startswith("#!/bin/bash\n#PBS -N spngd-rn50\n") and not (REPO / "runs" / "rn50").exists()
 
 
+def test_submit_writes_script_and_sweep_then_prints_the_job_id(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """Without --dry-run, through a stand-in sbatch that records its arguments."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "sbatch").write_text('#!/bin/sh\necho "$*" > "$(dirname "$0")/argv"\necho "4242;cluster"\n')
+    (bin_dir / "sbatch").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.chdir(tmp_path)
+    assert main(["submit", "--system", "slurm-v100", "--nodes", "1", "--config", str(REPO / "configs/smoke.yaml"),
+                 "--sweep", str(REPO / "configs/sweeps/demo_lr.yaml"), "--trials", "2"]) == 0
+    out, err = capsys.readouterr()
+    (run_dir,) = (tmp_path / "runs").glob("demo-lr-*")
+    script = run_dir / "sweep-slurm-v100.sh"
+    assert out == "4242\n" and err.startswith(f"spngd: submitted {script} to slurm-v100; logs in {run_dir}/logs/")
+    assert err.rstrip().endswith(f"report with: spngd sweep-report {run_dir}")
+    assert script.read_text().startswith("#!/bin/bash") and script.stat().st_mode & 0o111
+    assert sweep_mod.load_sweep(str(run_dir / sweep_mod.SPEC_NAME)).trials == 2 and (run_dir / "logs").is_dir()
+    assert (bin_dir / "argv").read_text().split() == ["--parsable", "--array=1-2", str(script)]
+
+
 # -- the checkpoint-and-run-again protocol, with stand-ins for mpirun, spngd and qsub ---------------
 
 _STUBS = {
     # mpirun: run the program in its place, so that signals reach it directly.
     "mpirun": 'echo "$*" >> "$STUB_LOG/mpirun"\n'
               'while [[ $# -gt 0 && $1 != spngd && $1 != mkdir && $1 != cp ]]; do shift; done\nexec "$@"\n',
-    # spngd: "trains" until a signal, then checkpoints (exit 85) like app.train.
-    "spngd": 'echo "$*" >> "$STUB_LOG/spngd"\n'
+    # spngd: `launch` runs its command in its place; `train` "trains" until a signal, then checkpoints
+    # (exit 85) like app.train.
+    "spngd": '[[ $1 == launch ]] && shift && exec "$@"\necho "$*" >> "$STUB_LOG/spngd"\n'
              'trap \'echo USR1 >> "$STUB_LOG/signals"; exit 85\' USR1\n'
              'trap \'echo TERM >> "$STUB_LOG/signals"; exit 85\' TERM\n'
              'for _ in $(seq 300); do sleep 0.1; done\n',
@@ -328,7 +349,8 @@ def test_sweep_trial_follow_up_keeps_its_index(tmp_path: Path) -> None:
 
 
 def test_term_checkpoints_but_leaves_the_decision_to_the_scheduler(tmp_path: Path) -> None:
-    """qdel / preemption send TERM: the run checkpoints, and no follow-up is submitted."""
+    """qdel / preemption send TERM: the shell asks the launcher for a checkpoint (USR1, which mpirun
+    passes on, not TERM, which it answers by killing the ranks), and no follow-up is submitted."""
     def term_once_training(proc: subprocess.Popen[str], log: Path) -> None:
         deadline = time.monotonic() + 30
         while not (log / "spngd").exists() and time.monotonic() < deadline:
@@ -338,7 +360,7 @@ def test_term_checkpoints_but_leaves_the_decision_to_the_scheduler(tmp_path: Pat
 
     _, rc, elapsed, log = _run_pbs_script(tmp_path, ["--walltime", "01:00:00"], {}, term_once_training)
     assert rc == REQUEUE_EXIT and elapsed < 20
-    assert _read(log / "signals") == "TERM\n" and not (log / "qsub").exists()
+    assert _read(log / "signals") == "USR1\n" and not (log / "qsub").exists()
 
 
 # -- random search -----------------------------------------------------------------------------------
@@ -559,7 +581,8 @@ def test_slurm_usr1_checkpoint_requeue_resume_same_weights(slurm_cluster: SlurmC
 def test_slurm_array_sweep_and_report(slurm_cluster: SlurmCluster, e2e_dir: Path) -> None:
     t0 = time.monotonic()
     job_id = _spngd(e2e_dir, "submit", "--system", "local-slurm", "--nodes", "1", "--config",
-                    str(REPO / "configs/smoke.yaml"), "--sweep", str(REPO / "configs/sweeps/demo_lr.yaml"), "--trials", "3")
+                    str(REPO / "configs/smoke.yaml"), "--sweep", str(REPO / "configs/sweeps/demo_lr.yaml"),
+                    "--trials", "3")
     slurm_cluster.wait_gone([job_id], timeout=300)
     (sweep_dir,) = (e2e_dir / "runs").glob("demo-lr-*")
     sweep = sweep_mod.load_sweep(sweep_dir / "sweep.yaml")

@@ -50,8 +50,8 @@ def _train_rows(run_dir: Path) -> list[dict[str, str]]:
 def test_smoke_run_writes_every_artefact(tmp_path: Path, backend: str, np: int) -> None:
     skip_unless_runnable(backend)
     rc, out = run_mpi(np, SPNGD, "train", "--config", SMOKE, "--set", f"comm.backend={backend}",
-                      "--set", f"output.dir={tmp_path}", "--set", "output.name=smoke", "--set", "output.tensorboard=true",
-                      timeout=300)
+                      "--set", f"output.dir={tmp_path}", "--set", "output.name=smoke",
+                      "--set", "output.tensorboard=true", timeout=300)
     assert rc == 0, out
     final = _final(out)
     run_dir = tmp_path / "smoke"
@@ -64,11 +64,13 @@ def test_smoke_run_writes_every_artefact(tmp_path: Path, backend: str, np: int) 
     assert [int(r["step"]) for r in _train_rows(run_dir)] == [5, 10, 15, 20]
 
 
-def _resume_args(tmp_path: Path, name: str, preconditioner: str) -> list[str]:
+def _resume_args(tmp_path: Path, name: str, fisher: str) -> list[str]:
+    """12 K-FAC steps at 2 ranks, validating at step 6 and at the end (BN statistics differ per rank)."""
     return ["train", "--config", SMOKE, "--set", f"output.dir={tmp_path}", "--set", f"output.name={name}",
             "--set", "train.max_steps=12", "--set", "train.log_every=1", "--set", "output.plot=false",
-            "--set", f"optim.preconditioner={preconditioner}", "--set", "data.workers=1",
-            "--set", "kfac.inverse_interval=2", "--set", "checkpoint.resume=auto"]
+            "--set", "optim.preconditioner=kfac", "--set", f"kfac.fisher={fisher}", "--set", "data.workers=1",
+            "--set", "kfac.inverse_interval=2", "--set", "kfac.kl_clip=0.001", "--set", "train.val_every=0.05",
+            "--set", "checkpoint.resume=auto"]
 
 
 def _interrupted_run(tmp_path: Path, args: list[str], run_dir: Path, at_step: int) -> int:
@@ -91,13 +93,22 @@ def _interrupted_run(tmp_path: Path, args: list[str], run_dir: Path, at_step: in
     return proc.returncode
 
 
-@pytest.mark.parametrize("preconditioner", ["none", "kfac"])
-def test_resume_after_signal_equals_uninterrupted(tmp_path: Path, preconditioner: str) -> None:
-    rc, out = run_mpi(2, SPNGD, *_resume_args(tmp_path, "straight", preconditioner), timeout=300)
+def _val_rows(run_dir: Path) -> list[tuple[str, str, str, str]]:
+    with (run_dir / "metrics.csv").open() as f:
+        return [(r["step"], r["loss"], r["top1"], r["top5"]) for r in csv.DictReader(f) if r["kind"] == "val"]
+
+
+@pytest.mark.parametrize("fisher", ["emp", "mc", "exact"])
+def test_resume_after_signal_equals_uninterrupted(tmp_path: Path, fisher: str) -> None:
+    """Interrupted (checkpoint at the signal) then resumed equals uninterrupted bit for bit at 2 ranks:
+    every training row, the weights and BatchNorm statistics of the final checkpoint (every rank's
+    own, too), and each validation (mc: its label generator is restored; BN: each rank's statistics)."""
+    rc, out = run_mpi(2, SPNGD, *_resume_args(tmp_path, "straight", fisher), timeout=300)
     assert rc == 0, out
+    straight_final = _final(out)
     straight = tmp_path / "straight"
     resumed = tmp_path / "resumed"
-    args = _resume_args(tmp_path, "resumed", preconditioner)
+    args = _resume_args(tmp_path, "resumed", fisher)
     assert _interrupted_run(tmp_path, args, resumed, at_step=4) == REQUEUE_EXIT
     stopped_at = len(_train_rows(resumed))
     assert 4 <= stopped_at < 12
@@ -107,9 +118,14 @@ def test_resume_after_signal_equals_uninterrupted(tmp_path: Path, preconditioner
     a, b = _train_rows(straight), _train_rows(resumed)
     assert [r["step"] for r in b] == [str(s) for s in range(1, 13)]
     assert [(r["loss"], r["top1"], r["lr"]) for r in a] == [(r["loss"], r["top1"], r["lr"]) for r in b]
-    wa = Checkpointer(straight, keep=2).load_latest()[0]["model"]  # type: ignore[index]
-    wb = Checkpointer(resumed, keep=2).load_latest()[0]["model"]  # type: ignore[index]
-    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert [row[0] for row in _val_rows(straight)] == ["6", "12"]
+    assert _val_rows(straight) == _val_rows(resumed)
+    assert straight_final["val_loss"] == _final(out)["val_loss"]
+    sa = Checkpointer(straight, keep=2).load_latest()[0]  # type: ignore[index]
+    sb = Checkpointer(resumed, keep=2).load_latest()[0]  # type: ignore[index]
+    assert sa.keys() == sb.keys()
+    assert all(torch.equal(sa["model"][k], sb["model"][k]) for k in sa["model"])
+    assert all(torch.equal(x, y) for x, y in zip(sa["batchnorm"], sb["batchnorm"], strict=True))
 
 
 def _validate(np: int) -> dict[str, float]:

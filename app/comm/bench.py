@@ -1,6 +1,6 @@
 """Latency and bandwidth of every Comm primitive, to compare backends and sites.
 
-    mpirun -np 4 python -m app.comm.bench --backend torch --sizes 4K,1M,16M --iters 5
+    mpirun -np 4 spngd comm-bench --backend torch --sizes 4K,1M,16M --iters 5
 
 Each row times one call (after warm-up) of a float32 collective of the given total size S on
 every rank; the time is the slowest rank's average. algbw = S / time; busbw scales it by the
@@ -11,16 +11,13 @@ comparable across rank counts and with the link speed.
 
 from __future__ import annotations
 
-import argparse
 import re
 import time
 from collections.abc import Callable, Sequence
 
 import torch
 
-from app import launch
 from app.comm.base import Comm
-from app.config import CommConfig
 
 _UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30}
 
@@ -29,7 +26,7 @@ def parse_size(text: str) -> int:
     """'4K' -> 4096 bytes; sizes are rounded down to whole float32 elements."""
     m = re.fullmatch(r"(\d+)([KMG]?)(?:i?B)?", text.strip(), flags=re.IGNORECASE)
     if m is None:
-        raise argparse.ArgumentTypeError(f"size {text!r} is not like 4K, 1M or 16M")
+        raise ValueError(f"size {text!r} is not like 4K, 1M or 16M")
     return int(m.group(1)) * _UNITS[m.group(2).upper()]
 
 
@@ -102,28 +99,3 @@ def table(rows: list[tuple[str, int, float, float]]) -> str:
         lines.append(f"{name:<22} {_fmt_bytes(nbytes) if nbytes else '-':>8} {secs * 1e6:>11.1f} {bw}")
     return "\n".join(lines)
 
-
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m app.comm.bench", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--backend", default="auto", choices=("auto", "torch", "horovod"))
-    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    parser.add_argument("--sizes", default="4K,1M,16M", type=lambda s: [parse_size(x) for x in s.split(",")],
-                        help="comma-separated total sizes (default 4K,1M,16M)")
-    parser.add_argument("--iters", type=int, default=5, help="timed calls per row (default 5)")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed calls per row (default 1)")
-    args = parser.parse_args(argv)
-    world = launch.discover()
-    with launch.abort_on_error(world):
-        device = launch.select_device(world, args.device)
-        comm = launch.init_comm(world, CommConfig(backend=args.backend), device)
-        rows = run(comm, args.sizes, args.iters, args.warmup)
-        if comm.rank == 0:
-            print(f"comm bench: backend={type(comm).__name__} ranks={comm.size} device={device} "
-                  f"iters={args.iters}")
-            print(table(rows), flush=True)
-        comm.shutdown()
-
-
-if __name__ == "__main__":
-    main()

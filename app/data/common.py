@@ -2,21 +2,33 @@
 
 The plan, not the backend, decides which rank reads which image in which order, so the torch and
 DALI loaders shard, shuffle, pad and resume identically and only differ in how they decode.
+
+Unreadable entries are found in two places and then treated alike (replaced, warned once, counted
+in ``Loader.skipped`` at every occurrence). The scan finds what the directory listing already tells
+for free (the entry type; one stat per symlink): symlink loops, dangling links, directories or
+FIFOs named like images. They keep their slot in the split, so the plan and the counts do not
+depend on them, but are never opened (a FIFO would block the reader forever). Decoding finds the
+rest: corrupt or truncated files, permission errors, anything the decoder raises on.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import math
 import os
+import stat
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 import torch
+from PIL import Image
+
+from app.errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -26,10 +38,6 @@ MEAN_255 = (0.485 * 255, 0.456 * 255, 0.406 * 255)
 STD_255 = (0.229 * 255, 0.224 * 255, 0.225 * 255)
 PAD = -1
 """Label of a validation slot that holds no image (padding or an unreadable file); never scored."""
-
-
-class DataError(ValueError):
-    """A dataset problem the user must fix; the message is one line (the CLI exits with code 2)."""
 
 
 @dataclass(frozen=True)
@@ -72,6 +80,8 @@ class Split:
     root: Path
     names: np.ndarray  # dtype S, "<class>/<file>"
     labels: np.ndarray  # int64 class index
+    unreadable: Mapping[int, str] = field(default_factory=dict)
+    """index -> why, for the entries the scan found not to be files (never opened)."""
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -79,11 +89,54 @@ class Split:
     def path(self, index: int) -> str:
         return os.path.join(self.root, os.fsdecode(self.names[index]))
 
+    def class_of(self, index: int) -> str:
+        return os.fsdecode(self.names[index].split(b"/", 1)[0])
 
-def _listdir(path: Path, dirs: bool) -> list[str]:
+    def class_indices(self, label: int) -> range:
+        """The indices of one class: contiguous, since the split is sorted by class."""
+        lo, hi = np.searchsorted(self.labels, [label, label + 1])
+        return range(int(lo), int(hi))
+
+
+def _os_reason(exc: OSError) -> str:
+    if exc.errno == errno.ELOOP:
+        return "symlink loop"
+    if exc.errno == errno.ENOENT:
+        return "dangling symlink"
+    return f"{type(exc).__name__}: {exc.strerror or exc}"
+
+
+def _not_a_file(entry: os.DirEntry[str]) -> str | None:
+    """Why ``entry`` cannot be an image file, or None for a regular file (or a link to one).
+    Plain entries cost no system call (the listing's d_type); a symlink costs one stat."""
+    try:
+        if entry.is_file():
+            return None
+        mode = entry.stat().st_mode
+    except OSError as exc:
+        return _os_reason(exc)
+    return "a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "not a regular file"
+
+
+def _listdir(path: Path, dirs: bool) -> tuple[list[str], dict[str, str]]:
+    """Sorted visible class folders (``dirs``) or image-named entries of ``path``, and why each
+    entry among them is unusable (image entries: not a file; folders: a stat error, warned here)."""
+    names, bad = [], {}
     with os.scandir(path) as it:
-        return sorted(e.name for e in it if not e.name.startswith(".") and
-                      (e.is_dir() if dirs else e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS)))
+        for e in it:
+            if e.name.startswith("."):
+                continue
+            if dirs:
+                try:
+                    if e.is_dir():
+                        names.append(e.name)
+                except OSError as exc:
+                    log.warning("data: skipping unreadable entry %s (%s)", e.path, _os_reason(exc))
+            elif e.name.lower().endswith(IMAGE_EXTENSIONS):
+                names.append(e.name)
+                if (reason := _not_a_file(e)) is not None:
+                    bad[e.name] = reason
+    return sorted(names), bad
 
 
 def scan(root: Path) -> tuple[tuple[str, ...], Split, Split]:
@@ -95,7 +148,7 @@ def scan(root: Path) -> tuple[tuple[str, ...], Split, Split]:
         if not (root / split).is_dir():
             raise DataError(f"data: '{root}' has no {split}/ folder "
                             f"(expected {root}/{split}/<class>/<image>)")
-        found[split] = _listdir(root / split, dirs=True)
+        found[split] = _listdir(root / split, dirs=True)[0]
         if not found[split]:
             raise DataError(f"data: '{root / split}' holds no class folders")
     classes = found["train"]
@@ -110,14 +163,21 @@ def scan(root: Path) -> tuple[tuple[str, ...], Split, Split]:
     for split in ("train", "val"):
         names: list[bytes] = []
         labels: list[int] = []
+        unreadable: dict[int, str] = {}
         for index, cls in enumerate(classes):
-            files = _listdir(root / split / cls, dirs=False)
+            files, bad = _listdir(root / split / cls, dirs=False)
             if not files:
                 raise DataError(f"data: class folder '{root / split / cls}' holds no "
                                 f"{'/'.join(IMAGE_EXTENSIONS)} images")
+            if len(bad) == len(files):  # known for free here; an all-corrupt class is only warned
+                name, reason = min(bad.items())
+                raise DataError(f"data: class folder '{root / split / cls}' holds no readable image: all "
+                                f"{len(files)} entries are links or non-files (e.g. {name}: {reason})")
+            unreadable |= {len(names) + k: bad[f] for k, f in enumerate(files) if f in bad}
             names += [os.fsencode(f"{cls}/{f}") for f in files]
             labels += [index] * len(files)
-        splits.append(Split(root / split, np.array(names, dtype=np.bytes_), np.array(labels, dtype=np.int64)))
+        splits.append(Split(root / split, np.array(names, dtype=np.bytes_), np.array(labels, dtype=np.int64),
+                            unreadable))
     return tuple(classes), splits[0], splits[1]
 
 
@@ -175,9 +235,9 @@ class PlannedLoader(ABC):
     """What the folder-backed loaders share: batch count from the shard plan, the skip count and
     the ``epoch`` entry point; a backend supplies only ``_iterate``."""
 
-    def __init__(self, plan: ShardPlan, device: torch.device) -> None:
+    def __init__(self, split: Split, plan: ShardPlan, device: torch.device) -> None:
         self.batch_size, self.device = plan.batch_size, device
-        self._plan, self._skips = plan, SkipLog()
+        self._plan, self._skips = plan, SkipLog(split)
 
     def __len__(self) -> int:
         return len(self._plan)
@@ -201,20 +261,50 @@ def candidates(index: int, n: int) -> Iterator[int]:
     return ((index + k) % n for k in range(n))
 
 
+def why_unreadable(path: str) -> str | None:
+    """Why PIL cannot decode ``path`` (None when it can)."""
+    try:
+        with Image.open(path) as im:
+            im.convert("RGB")
+    except Exception as exc:  # noqa: BLE001 - any decoder failure; the reason is only reported
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
 class SkipLog:
-    """Counts the batch slots whose image was unreadable and warns once per file, not per epoch."""
+    """Counts the batch slots whose image was unreadable, warns once per file (not per epoch) and
+    once per class that turns out to have no readable image at all.
 
-    def __init__(self) -> None:
+    The class check decodes the class's files in order up to the first readable one, once per class
+    that has a bad file: one extra decode for a healthy class, the whole class (once) for a dead one.
+    """
+
+    def __init__(self, split: Split) -> None:
         self.count = 0
-        self._warned: set[str] = set()
+        self._split = split
+        self._warned: set[int] = set()
+        self._checked: set[int] = set()  # labels whose readability is known
 
-    def record(self, failures: Sequence[tuple[str, str]]) -> None:
-        """One replaced slot: (path, reason) of its own file, then of any met while replacing it."""
+    def record(self, failures: Sequence[tuple[int, str]]) -> None:
+        """One replaced slot: (index, reason) of its own file, then of any met while replacing it."""
         self.count += 1
-        for path, reason in failures:
-            if path not in self._warned:
-                self._warned.add(path)
-                log.warning("data: skipping unreadable image %s (%s)", path, reason)
+        for index, reason in failures:
+            if index not in self._warned:
+                self._warned.add(index)
+                log.warning("data: skipping unreadable image %s (%s)", self._split.path(index), reason)
+        for index, _ in failures:
+            self._check_class(int(self._split.labels[index]))
+
+    def _check_class(self, label: int) -> None:
+        if label in self._checked:
+            return
+        self._checked.add(label)
+        members = self._split.class_indices(label)
+        known_bad = self._warned | self._split.unreadable.keys()
+        if any(i not in known_bad and why_unreadable(self._split.path(i)) is None for i in members):
+            return
+        log.warning("data: class '%s' in %s has no readable image (all %d files are unreadable): this split "
+                    "has no example of it", self._split.class_of(members[0]), self._split.root, len(members))
 
 
 def normalise(images: torch.Tensor) -> torch.Tensor:

@@ -22,7 +22,6 @@ from types import SimpleNamespace
 
 import numpy as np
 import torch
-from PIL import Image
 
 from app.config import DataConfig
 from app.data.common import (
@@ -34,6 +33,7 @@ from app.data.common import (
     ShardPlan,
     Split,
     candidates,
+    why_unreadable,
 )
 
 _INSTALL = ".venv/bin/python -m pip install nvidia-dali-cuda120==2.4.0"
@@ -52,25 +52,17 @@ def _require_dali() -> SimpleNamespace:
                            Iterator=DALIClassificationIterator, LastBatchPolicy=LastBatchPolicy)
 
 
-def _unreadable(path: str) -> str | None:
-    """Why PIL cannot decode ``path`` (None when it can)."""
-    try:
-        with Image.open(path) as im:
-            im.convert("RGB")
-    except Exception as exc:  # the reason is only reported, never acted on
-        return f"{type(exc).__name__}: {exc}"
-    return None
-
-
 class DaliLoader(PlannedLoader):
     """DALI loader of one split on one rank (see ``common.Loader``)."""
 
     def __init__(self, split: Split, plan: ShardPlan, cfg: DataConfig, device: torch.device,
                  seed: int) -> None:
         self._dali = _require_dali()
-        super().__init__(plan, device)
+        super().__init__(split, plan, device)
         self._split, self._cfg, self._seed = split, cfg, seed
-        self._bad: dict[str, str] = {}  # path -> reason, for files known to break the decoder
+        # index -> reason, for entries known to break the reader: non-files from the scan up front
+        # (a FIFO would block it), then each file the decoder failed on
+        self._bad: dict[int, str] = dict(split.unreadable)
 
     def _iterate(self, epoch: int, batch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         order = self._plan.indices(epoch)
@@ -89,9 +81,8 @@ class DaliLoader(PlannedLoader):
         for k in range(batch, min(batch + 3, len(self))):
             found = False
             for i in order[k * b:(k + 1) * b].tolist():
-                path = self._split.path(i) if i != PAD else None
-                if path is not None and path not in self._bad and (reason := _unreadable(path)):
-                    self._bad[path], found = reason, True
+                if i != PAD and i not in self._bad and (reason := why_unreadable(self._split.path(i))):
+                    self._bad[i], found = reason, True
             if found:
                 return True
         return False
@@ -99,16 +90,17 @@ class DaliLoader(PlannedLoader):
     def _readable(self, index: int) -> int:
         """``index`` or the next file not known to be bad (the torch backend's replacement rule)."""
         for j in candidates(index, len(self._split)):
-            if self._split.path(j) not in self._bad:
+            if j not in self._bad:
                 return j
         raise DataError(f"data: no readable image in '{self._split.root}'")
 
-    def _slots(self, indices: np.ndarray) -> tuple[list[str], list[int], list[str | None]]:
+    def _slots(self, indices: np.ndarray) -> tuple[list[str], list[int], list[int | None]]:
         """Files and labels for the reader, and per slot the bad file it replaces (train: by the next
         readable file, val: by a PAD slot so the image is not scored)."""
-        files, labels, replaced = [], [], []
+        files, labels = [], []
+        replaced: list[int | None] = []
         for i in indices.tolist():
-            bad = self._split.path(i) if i != PAD and self._split.path(i) in self._bad else None
+            bad = i if i != PAD and i in self._bad else None
             if bad is not None:
                 i = self._readable(i) if self._plan.train else PAD
             if i == PAD:  # the reader needs some file; its image is ignored
@@ -129,8 +121,9 @@ class DaliLoader(PlannedLoader):
         it = d.Iterator(self._pipeline(files, labels, seed), reader_name="Reader",
                         last_batch_policy=d.LastBatchPolicy.PARTIAL)
         for k, out in enumerate(it):
-            for path in filter(None, replaced[k * b:(k + 1) * b]):
-                self._skips.record([(path, self._bad[path])])
+            for bad in replaced[k * b:(k + 1) * b]:
+                if bad is not None:
+                    self._skips.record([(bad, self._bad[bad])])
             # The iterator reuses its output buffers: copy before handing them out.
             yield (out[0]["data"].to(self.device, copy=True),
                    out[0]["label"].view(-1).to(self.device, torch.int64))

@@ -17,12 +17,13 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from app.config import DataConfig
 from app.data.common import PAD, DataError, PlannedLoader, ShardPlan, Split, candidates, normalise
+from app.preempt import leave_stop_signals_to_the_rank
 
 _LOG_RATIO = (math.log(3 / 4), math.log(4 / 3))
 
 Box = tuple[float, float, float, float]
 Item = tuple[int, int]  # (dataset index or PAD, epoch)
-Failures = tuple[tuple[str, str], ...]  # (path, reason) of unreadable files met filling one slot
+Failures = tuple[tuple[int, str], ...]  # (index, reason) of unreadable files met filling one slot
 Sample = tuple[torch.Tensor, int, Failures]
 
 
@@ -93,17 +94,19 @@ class _Images(Dataset[Sample]):
         index, epoch = item
         if index == PAD:
             return self._blank(), PAD, ()
-        skipped: list[tuple[str, str]] = []
+        skipped: list[tuple[int, str]] = []
         for j in candidates(index, len(self.split)):
-            path = self.split.path(j)
-            try:
-                image = self.transform(path, index, epoch)
-            except Exception as exc:  # any decoder failure of one file must not end a run
-                skipped.append((path, f"{type(exc).__name__}: {exc}"))
-                if not self.transform.train:
-                    return self._blank(), PAD, tuple(skipped)
-                continue
-            return image, int(self.split.labels[j]), tuple(skipped)
+            reason = self.split.unreadable.get(j)  # not a file: never opened (a FIFO would block)
+            if reason is None:
+                try:
+                    image = self.transform(self.split.path(j), index, epoch)
+                except Exception as exc:  # noqa: BLE001 - any decoder failure of one file must not end a run
+                    reason = f"{type(exc).__name__}: {exc}"
+                else:
+                    return image, int(self.split.labels[j]), tuple(skipped)
+            skipped.append((j, reason))
+            if not self.transform.train:
+                return self._blank(), PAD, tuple(skipped)
         raise DataError(f"data: no readable image in '{self.split.root}'")
 
 
@@ -136,13 +139,17 @@ class FolderLoader(PlannedLoader):
 
     def __init__(self, split: Split, plan: ShardPlan, cfg: DataConfig, device: torch.device,
                  seed: int) -> None:
-        super().__init__(plan, device)
+        super().__init__(split, plan, device)
         self._batches = _PlanBatches(plan)
         transform = _Transform(cfg.image_size, plan.train, cfg.min_crop_area, cfg.random_mirror,
                                cfg.val_resize, seed)
+        # Its own generator: every iterator draws a worker base seed (unused: each sample seeds its
+        # own draws), which from torch's global RNG would shift the streams training draws from it.
         self._loader = DataLoader(_Images(split, transform), batch_sampler=self._batches,
                                   num_workers=cfg.workers, collate_fn=_collate,
-                                  pin_memory=device.type == "cuda", persistent_workers=cfg.workers > 0)
+                                  pin_memory=device.type == "cuda", persistent_workers=cfg.workers > 0,
+                                  generator=torch.Generator().manual_seed(seed),
+                                  worker_init_fn=leave_stop_signals_to_the_rank)
 
     def _iterate(self, epoch: int, start_batch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         self._batches.select(epoch, start_batch)

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from app.comm.base import Comm, Handle
-from app.config import ConfigError
+from app.errors import ConfigError
 
 
 @dataclass(frozen=True)

@@ -189,7 +189,7 @@ class Layer(ABC):
         return self.examples > 0 and self._out_sum is not None
 
     def _require_captured(self) -> Tensor:
-        if not self.captured:
+        if self.examples == 0 or self._out_sum is None:  # not `captured`: mypy narrows only this
             missing = "no forward" if self.examples == 0 else "no output gradient"
             raise RuntimeError(f"K-FAC: layer {self.name!r} saw {missing} this step (call fisher_backward(out) "
                                f"for fisher=mc/exact and backward before step(), or add it to kfac.skip)")

@@ -34,7 +34,6 @@ the current owners' busiest rank is more than ``REBALANCE_GAIN`` times the fresh
 
 from __future__ import annotations
 
-import argparse
 import heapq
 import math
 from collections.abc import Sequence
@@ -126,7 +125,8 @@ def model_factor_shapes(arch: str, num_classes: int, batchnorm: bool = True) -> 
     return {name: layer.factor_shapes for name, layer in find_layers(model, [], batchnorm).items()}
 
 
-def balance_table(shapes: Sequence[Sequence[Shape]], ranks: Sequence[int], precondition: bool) -> list[dict[str, float]]:
+def balance_table(shapes: Sequence[Sequence[Shape]], ranks: Sequence[int],
+                  precondition: bool) -> list[dict[str, float]]:
     """Per rank count: LPT cost max/mean, its lower bound, and owned factor memory (fp32 MiB)."""
     costs = [layer_cost(s, 1, precondition) for s in shapes]
     mib = [sum(math.prod(x) for x in s) * 4 / 2 ** 20 for s in shapes]
@@ -139,31 +139,3 @@ def balance_table(shapes: Sequence[Sequence[Shape]], ranks: Sequence[int], preco
                      "mem_mean_mib": sum(mem) / p, "idle_ranks": p - len(set(owners))})
     return rows
 
-
-def placement_command(args: argparse.Namespace) -> int:
-    """``spngd placement``: print the ownership balance of a model's real factor shapes."""
-    from app.cli import UserError
-
-    try:
-        ranks = [int(r) for r in args.ranks.split(",")]
-    except ValueError:
-        raise UserError(f"--ranks={args.ranks!r} must be comma-separated integers, e.g. 4,8,64") from None
-    if not ranks or min(ranks) < 1:
-        raise UserError(f"--ranks={args.ranks!r} must list positive rank counts")
-    if args.num_classes < 1:
-        raise UserError(f"--num-classes={args.num_classes} must be a positive integer")
-    try:
-        shapes = model_factor_shapes(args.model, args.num_classes)
-    except ValueError as exc:
-        raise UserError(str(exc)) from None
-    factors = sum(len(s) for s in shapes.values())
-    print(f"{args.model}: {len(shapes)} K-FAC layers, {factors} factors, largest "
-          f"{max(s[-1] for ss in shapes.values() for s in ss)}; share={args.share}, every factor refreshed every step")
-    print("memory: one fp32 copy of the owned factors (owners also keep the inverse, and with adaptive "
-          "intervals the previous factors)")
-    print(f"{'ranks':>6} {'cost max/mean':>14} {'lower bound':>12} {'mem max MiB':>12} {'mem mean MiB':>13} "
-          f"{'idle ranks':>11}")
-    for row in balance_table(list(shapes.values()), ranks, precondition=args.share == "gradients"):
-        print(f"{row['ranks']:>6} {row['cost_max_over_mean']:>14.3f} {row['lower_bound']:>12.3f} "
-              f"{row['mem_max_mib']:>12.1f} {row['mem_mean_mib']:>13.1f} {row['idle_ranks']:>11}")
-    return 0

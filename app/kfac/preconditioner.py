@@ -8,6 +8,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -55,9 +56,12 @@ class KFAC:
     * **Failures.** A layer whose new factors contain NaN/Inf keeps its previous factors and
       inverse for the step (plain gradient if it has none), counted in ``kfac_nan_skips`` and logged
       once per layer by its owner. Cholesky failures retry in float64, then with 10x damping, counted.
+    * **Randomness.** ``fisher=mc`` draws its labels from a generator of its own, seeded from
+      (``seed``, rank) and saved per rank in ``state_dict``: nothing else draws from it, so a resumed
+      run samples exactly the labels the uninterrupted one did.
     """
 
-    def __init__(self, model: nn.Module, cfg: KFACConfig, comm: Comm | None = None) -> None:
+    def __init__(self, model: nn.Module, cfg: KFACConfig, comm: Comm | None = None, seed: int = 0) -> None:
         self.cfg = cfg
         # K-FAC's collectives launch from their own hooks: on their own channel they cannot be paired
         # with the gradient buckets of another rank whose hooks fired in another order.
@@ -70,6 +74,8 @@ class KFAC:
         self._wire = torch.bfloat16 if cfg.wire_dtype == "bfloat16" else None
         self._dtype = functools.reduce(torch.promote_types, (layer.dtype for layer in self._layers), torch.float32)
         self._device = comm.device if comm is not None else torch.device("cpu")
+        self._sampler = torch.Generator(device=next(model.parameters()).device)
+        self._sampler.manual_seed(int(np.random.SeedSequence([seed, self._rank]).generate_state(1)[0]))
         self._index = {layer: i for i, layer in enumerate(self._layers)}
         self._capture = Capture(self._layers, hooked_backward=cfg.fisher == "emp",
                                 on_complete=lambda layer: self._send(self._index[layer]))
@@ -88,7 +94,8 @@ class KFAC:
 
     def _costs(self) -> list[float]:
         precondition = self.cfg.share == "gradients"
-        return [layer_cost(layer.factor_shapes, k, precondition) for layer, k in zip(self._layers, self.clock.intervals)]
+        return [layer_cost(layer.factor_shapes, k, precondition)
+                for layer, k in zip(self._layers, self.clock.intervals)]
 
     def _mine(self, i: int) -> bool:
         return self.placement.owners[i] == self._rank
@@ -138,7 +145,7 @@ class KFAC:
         if self.cfg.fisher == "emp":
             self._capture.final = final
             return
-        self._capture.backward(sampled_losses(out, self.cfg.fisher))
+        self._capture.backward(sampled_losses(out, self.cfg.fisher, self._sampler))
         if final:
             assert self._exchange is not None
             for i in self._exchange.missing:
@@ -374,16 +381,20 @@ class KFAC:
 
     def state_dict(self) -> dict[str, Any]:
         """The whole state, placement-independent: factors, previous factors and inverses of every
-        layer (so a resumed run between inverse refreshes is exact), intervals, owners, counters.
+        layer (so a resumed run between inverse refreshes is exact), intervals, owners, counters,
+        and every rank's mc label generator.
 
         Collective with a communicator: every rank must call it, and every rank gets the whole
-        state (the owners' layers are allgathered, on the CPU).
+        state (the owners' layers and the generators are allgathered, on the CPU).
         """
         owned = {layer.name: _export(layer, with_inverse=True)
                  for i, layer in enumerate(self._layers) if self._mine(i)}
+        samplers = [self._sampler.get_state()]
         if self.comm is not None:
-            for part in gather_objects(self.comm, owned, name="kfac.checkpoint"):
-                owned.update(part)
+            parts = gather_objects(self.comm, (owned, samplers[0]), name="kfac.checkpoint")
+            for layers, _ in parts:
+                owned.update(layers)
+            samplers = [sampler for _, sampler in parts]
         return {
             "counters": dict(self._counters),
             "kl_scale": float(self._kl_scale),
@@ -392,11 +403,13 @@ class KFAC:
             "owners": list(self.placement.owners),
             "ranks": self._size,
             "layers": {name: owned[name] for name in self.layers},
+            "samplers": samplers,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore ``state_dict()``, on any number of ranks; inverses made with another
-        method/damping are recomputed. The owners are kept when the rank count is the same."""
+        method/damping are recomputed. The owners and each rank's mc generator are kept when the
+        rank count is the same (else every rank keeps its fresh (seed, rank) generator)."""
         saved, ours = set(state["layers"]), set(self.layers)
         if saved != ours:
             raise ValueError(f"K-FAC: checkpoint layers differ from the model's (only in checkpoint: "
@@ -412,6 +425,8 @@ class KFAC:
         self.placement.rebalances = self._counters["kfac_rebalances"]
         if state["ranks"] == self._size:
             self.placement.owners = list(state["owners"])
+            if "samplers" in state:  # absent in checkpoints written before the generator existed
+                self._sampler.set_state(state["samplers"][self._rank])
         for i, (layer, entry) in enumerate(zip(self._layers, entries)):
             _drop(layer, with_inverse=True)
             if self._mine(i):

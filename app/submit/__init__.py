@@ -1,18 +1,19 @@
 """``spngd submit`` and ``spngd sweep-report``: cluster job scripts from system profiles, and
-random-search sweeps as one array job (see README, "Running on clusters")."""
+random-search sweeps as one array job (see README, "Running on clusters"). The command line and
+its output live in ``app.cli``; this package checks a ``Request``, renders and submits."""
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
 import yaml
 
 from app import config as config_mod
-from app.cli import UserError
+from app.errors import UserError
 from app.submit import render, schedulers
 from app.submit import sweep as sweep_mod
 
@@ -20,7 +21,22 @@ from app.submit import sweep as sweep_mod
 _SCRIPT_KEYS = ("output.dir", "output.name")
 
 
-def build_job(args: argparse.Namespace, *, workdir: Path, python_bin: Path,
+@dataclass(frozen=True)
+class Request:
+    """The ``spngd submit`` options as typed (help in ``app.cli``)."""
+
+    system: str
+    nodes: int
+    walltime: str | None
+    group: str | None
+    config: str | None
+    overrides: Sequence[str]
+    sweep: str | None
+    trials: int | None
+    dry_run: bool
+
+
+def build_job(args: Request, *, workdir: Path, python_bin: Path,
               now: datetime) -> tuple[render.Job, sweep_mod.Sweep | None]:
     """Check every input (one line per problem) and describe the job; no files, no scheduler."""
     profile = render.load_profile(args.system)
@@ -58,26 +74,11 @@ def build_job(args: argparse.Namespace, *, workdir: Path, python_bin: Path,
     return job, sweep
 
 
-def submit_command(args: argparse.Namespace) -> int:
-    """Render the job script; print it (--dry-run) or write it next to the run and submit it."""
-    job, sweep = build_job(args, workdir=Path.cwd(), python_bin=Path(sys.executable).parent, now=datetime.now())
-    text = render.render(job)
-    if args.dry_run:
-        print(text, end="")
-        return 0
+def write_and_submit(job: render.Job, sweep: sweep_mod.Sweep | None, text: str) -> str:
+    """Write the rendered script (and the sweep's spec) next to the run, submit it; the job id."""
     job.log_dir.mkdir(parents=True, exist_ok=True)
     job.script_path.write_text(text)
     job.script_path.chmod(0o755)
     if sweep:
         (job.run_dir / sweep_mod.SPEC_NAME).write_text(yaml.safe_dump(sweep.to_dict(), sort_keys=False))
-    job_id = schedulers.submit(job)
-    print(f"spngd: submitted {job.script_path} to {job.profile.name}; logs in {job.log_dir}/"
-          + (f"; report with: spngd sweep-report {job.run_dir}" if sweep else ""), file=sys.stderr)
-    print(job_id)
-    return 0
-
-
-def sweep_report_command(args: argparse.Namespace) -> int:
-    """Print the ranked table of a sweep directory and write its report.csv."""
-    print(sweep_mod.report(Path(args.dir), args.metric))
-    return 0
+    return schedulers.submit(job)

@@ -17,7 +17,7 @@ from typing import Any, Literal, get_args
 
 import yaml
 
-from app.config import ConfigError
+from app.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
 JOBSCRIPTS = REPO / "jobscripts"

@@ -9,7 +9,7 @@ import shutil
 import subprocess
 from dataclasses import dataclass
 
-from app.cli import UserError
+from app.errors import UserError
 from app.submit.render import Family, Job
 
 

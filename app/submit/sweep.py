@@ -34,7 +34,7 @@ import numpy as np
 import yaml
 
 from app import config as config_mod
-from app.config import ConfigError
+from app.errors import ConfigError
 from app.metrics import parse_final_line
 
 Kind = Literal["uniform", "log_uniform", "choice"]

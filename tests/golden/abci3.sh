@@ -60,9 +60,10 @@ per_node=(mpirun -np 2 --hostfile "$PBS_NODEFILE" --map-by ppr:1:node -x PATH -x
 
 # Train. The launcher runs in the background so that this shell can pass signals on: USR1 means
 # "checkpoint now and exit 85"; TERM (scancel, qdel, preemption) does the same, but then the
-# scheduler, not this script, decides whether the job runs again.
+# scheduler, not this script, decides whether the job runs again. `spngd launch` keeps TERM from
+# the launcher (mpirun kills the ranks 0.5 s after one, mid-checkpoint) and turns it into USR1.
 cmd=(
-    mpirun -np 16 --hostfile "$PBS_NODEFILE" --map-by ppr:8:node -x PATH -x LD_LIBRARY_PATH -x OMP_NUM_THREADS -x NCCL_DEBUG -x TORCH_NCCL_ASYNC_ERROR_HANDLING -x UCX_MEMTYPE_CACHE
+    spngd launch mpirun -np 16 --hostfile "$PBS_NODEFILE" --map-by ppr:8:node -x PATH -x LD_LIBRARY_PATH -x OMP_NUM_THREADS -x NCCL_DEBUG -x TORCH_NCCL_ASYNC_ERROR_HANDLING -x UCX_MEMTYPE_CACHE
     spngd train --config configs/imagenet_resnet50_sgd_bs8k.yaml --resume auto
     --set optim.lr=0.2
     --set output.dir=runs --set "output.name=$run_name"
@@ -73,7 +74,7 @@ echo "spngd: job $this_job on $(hostname) at $(date '+%F %T'): ${cmd[*]}"
 child=$!
 got_term=0
 trap 'kill -USR1 "$child" 2>/dev/null || true' USR1
-trap 'got_term=1; kill -TERM "$child" 2>/dev/null || true' TERM
+trap 'got_term=1; kill -USR1 "$child" 2>/dev/null || true' TERM
 # This scheduler kills at the walltime without a warning signal, so warn ourselves 300 s before.
 warn_at=$((SECONDS + 3300))
 while kill -0 "$child" 2>/dev/null; do

@@ -4,6 +4,7 @@
 #$ -j y
 #$ -o /home/user/spngd/runs/rn50/logs/
 #$ -l h_rt=00:10:00
+#$ -notify
 #$ -pe mpi 4
 #$ -V
 # spngd training job on local-sge: local test Grid Engine, one CPU node, 2 ranks.
@@ -46,9 +47,10 @@ per_node=(mpirun -np 2 --hostfile "$hostfile" --map-by ppr:1:node -x PATH -x OMP
 
 # Train. The launcher runs in the background so that this shell can pass signals on: USR1 means
 # "checkpoint now and exit 85"; TERM (scancel, qdel, preemption) does the same, but then the
-# scheduler, not this script, decides whether the job runs again.
+# scheduler, not this script, decides whether the job runs again. `spngd launch` keeps TERM from
+# the launcher (mpirun kills the ranks 0.5 s after one, mid-checkpoint) and turns it into USR1.
 cmd=(
-    mpirun -np 4 --hostfile "$hostfile" --map-by ppr:2:node -x PATH -x OMP_NUM_THREADS -x NCCL_DEBUG -x TORCH_NCCL_ASYNC_ERROR_HANDLING -x UCX_MEMTYPE_CACHE
+    spngd launch mpirun -np 4 --hostfile "$hostfile" --map-by ppr:2:node -x PATH -x OMP_NUM_THREADS -x NCCL_DEBUG -x TORCH_NCCL_ASYNC_ERROR_HANDLING -x UCX_MEMTYPE_CACHE
     spngd train --config configs/imagenet_resnet50_sgd_bs8k.yaml --resume auto
     --set optim.lr=0.2
     --set output.dir=runs --set "output.name=$run_name"
@@ -59,7 +61,10 @@ echo "spngd: job $this_job on $(hostname) at $(date '+%F %T'): ${cmd[*]}"
 child=$!
 got_term=0
 trap 'kill -USR1 "$child" 2>/dev/null || true' USR1
-trap 'got_term=1; kill -TERM "$child" 2>/dev/null || true' TERM
+# qdel: -notify sends USR2 to the job (this shell and the launcher, which passes it on to the
+# ranks) the queue's `notify` time (qconf -sq; 60 s by default) before its SIGKILL. Before a
+# suspension it sends USR1 instead, which checkpoints and chains a follow-up like a walltime warning.
+trap 'got_term=1; kill -USR1 "$child" 2>/dev/null || true' TERM USR2
 # This scheduler kills at the walltime without a warning signal, so warn ourselves 150 s before.
 warn_at=$((SECONDS + 450))
 while kill -0 "$child" 2>/dev/null; do

@@ -56,9 +56,10 @@ run_name="trial-$(printf '%03d' "$trial")"
 
 # Train. The launcher runs in the background so that this shell can pass signals on: USR1 means
 # "checkpoint now and exit 85"; TERM (scancel, qdel, preemption) does the same, but then the
-# scheduler, not this script, decides whether the job runs again.
+# scheduler, not this script, decides whether the job runs again. `spngd launch` keeps TERM from
+# the launcher (mpirun kills the ranks 0.5 s after one, mid-checkpoint) and turns it into USR1.
 cmd=(
-    srun --mpi=pmix --nodes=1 --ntasks=4 --ntasks-per-node=4 --cpus-per-task=10 --kill-on-bad-exit=1
+    spngd launch srun --mpi=pmix --nodes=1 --ntasks=4 --ntasks-per-node=4 --cpus-per-task=10 --kill-on-bad-exit=1
     spngd train --config configs/smoke.yaml --resume auto
     --set output.dir=runs/demo-lr-20261122-120000 --set "output.name=$run_name"
     "${trial_args[@]}"
@@ -68,7 +69,7 @@ echo "spngd: job $this_job on $(hostname) at $(date '+%F %T'): ${cmd[*]}"
 child=$!
 got_term=0
 trap 'kill -USR1 "$child" 2>/dev/null || true' USR1
-trap 'got_term=1; kill -TERM "$child" 2>/dev/null || true' TERM
+trap 'got_term=1; kill -USR1 "$child" 2>/dev/null || true' TERM
 while kill -0 "$child" 2>/dev/null; do
     sleep 1 & wait $! || true  # returns at once when a trapped signal arrives
 done

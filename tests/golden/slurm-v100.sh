@@ -48,9 +48,10 @@ run_name=rn50
 
 # Train. The launcher runs in the background so that this shell can pass signals on: USR1 means
 # "checkpoint now and exit 85"; TERM (scancel, qdel, preemption) does the same, but then the
-# scheduler, not this script, decides whether the job runs again.
+# scheduler, not this script, decides whether the job runs again. `spngd launch` keeps TERM from
+# the launcher (mpirun kills the ranks 0.5 s after one, mid-checkpoint) and turns it into USR1.
 cmd=(
-    srun --mpi=pmix --nodes=2 --ntasks=8 --ntasks-per-node=4 --cpus-per-task=10 --kill-on-bad-exit=1
+    spngd launch srun --mpi=pmix --nodes=2 --ntasks=8 --ntasks-per-node=4 --cpus-per-task=10 --kill-on-bad-exit=1
     spngd train --config configs/imagenet_resnet50_sgd_bs8k.yaml --resume auto
     --set optim.lr=0.2
     --set output.dir=runs --set "output.name=$run_name"
@@ -60,7 +61,7 @@ echo "spngd: job $this_job on $(hostname) at $(date '+%F %T'): ${cmd[*]}"
 child=$!
 got_term=0
 trap 'kill -USR1 "$child" 2>/dev/null || true' USR1
-trap 'got_term=1; kill -TERM "$child" 2>/dev/null || true' TERM
+trap 'got_term=1; kill -USR1 "$child" 2>/dev/null || true' TERM
 while kill -0 "$child" 2>/dev/null; do
     sleep 1 & wait $! || true  # returns at once when a trapped signal arrives
 done
