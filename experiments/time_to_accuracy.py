@@ -198,8 +198,9 @@ def summarise(rows: Sequence[dict[str, object]], max_steps: int) -> list[dict[st
             "method": method,
             "median_steps": f"> {max_steps}" if median > max_steps else f"{median:g}",
             "median_seconds": f"{statistics.median(secs):.1f}" if len(secs) == len(best) else "-",
-            "per_seed": "; ".join(f"seed {b['seed']}: " + (f"{b['steps']} steps, {float(str(b['seconds'])):.1f} s, lr {b['lr']}"
-                                  if b["steps"] is not None else f"> {max_steps} steps") for b in best)})
+            "per_seed": "; ".join(f"seed {b['seed']}: " + (
+                f"{b['steps']} steps, {float(str(b['seconds'])):.1f} s, lr {b['lr']}" if b["steps"] is not None
+                else f"> {max_steps} steps") for b in best)})
     return table
 
 
