@@ -53,7 +53,7 @@ def time_to_accuracy() -> ModuleType:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(1800)  # about 4-5 min on an idle core; over the suite's 600 s on a loaded 2-core machine
+@pytest.mark.timeout(1800)  # about 380 training steps: past the suite's 600 s on a loaded 2-core machine
 def test_kfac_median_steps_are_at_most_three_quarters_of_sgds(tmp_path: Path) -> None:
     tta = time_to_accuracy()
     torch.set_num_threads(1)
