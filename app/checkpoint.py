@@ -25,6 +25,9 @@ log = logging.getLogger(__name__)
 
 #: Exit code after a signal-triggered checkpoint; job scripts requeue or chain on it.
 REQUEUE_EXIT = 85
+#: Exit code when training stopped because the model broke (diverged loss, a K-FAC layer past
+#: kfac.max_bad_refreshes); no checkpoint of the broken state is written, so the newest one is good.
+DIVERGED_EXIT = 3
 
 _NAME = re.compile(r"^ckpt-(\d{8})\.pt$")
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
 from app import config as config_mod
-from app.errors import USAGE_EXIT, UserError
+from app.errors import USAGE_EXIT, Diverged, UserError
 
 if TYPE_CHECKING:
     from _typeshed import DataclassInstance
@@ -202,12 +202,17 @@ def _cmd_train(args: argparse.Namespace) -> int:
     with launch.abort_on_error(world):
         device = launch.select_device(world, cfg.train.device)
         comm = launch.init_comm(world, cfg.comm, device)
+        from app.checkpoint import DIVERGED_EXIT
         from app.train import train
 
         try:
             summary = train(cfg, world, comm, device)
             if comm.rank == 0:
                 print(summary.final_line(), flush=True)
+        except Diverged as exc:  # every rank at the same step: a clean exit, not an abort
+            if comm.rank == 0:
+                print(f"spngd: error: {exc}", file=sys.stderr, flush=True)
+            return DIVERGED_EXIT
         finally:
             comm.shutdown()
     return 0

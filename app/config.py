@@ -94,15 +94,19 @@ class OptimConfig:
 class KFACConfig:
     fisher: str = _f("emp", "label source of G: emp (true labels), mc (one sampled label), "
                      "exact (all classes)", choices=("emp", "mc", "exact"))
-    damping: float = _f(1e-3, "Tikhonov damping lambda (split over A and G with the pi correction)",
-                        gt=0.0)
+    damping: float = _f(1e-3, "Tikhonov damping lambda (split over A and G with the pi correction); kept at "
+                        "1e-3 because kl_clip bounds the steps, and 1e-2 to 1e-1 did not make per-rank batch 1 "
+                        "train any better", gt=0.0)
     stat_decay: float = _f(0.95, "running-average decay of the factors", ge=0.0, lt=1.0)
     factor_interval: int = _f(1, "steps between factor updates", gt=0)
     inverse_interval: int = _f(1, "steps between inverse updates", gt=0)
     inverse: str = _f("cholesky", "factor inversion method", choices=("cholesky", "eigen"))
     eigen_damping: str = _f("factored", "eigen mode: factored (same damped factors as cholesky) or kron "
                             "((G (x) A + lambda I)^-1, no pi correction)", choices=("factored", "kron"))
-    kl_clip: float = _f(0.0, "KL-clipping of the preconditioned update; 0 = off", ge=0.0)
+    kl_clip: float = _f(1e-3, "KL-clipping: the preconditioned update is scaled down so that lr^2 g^T F^-1 g <= "
+                        "this; 0 = off. The default (SP-NGD's and kfac-pytorch's) bounds every step, and so "
+                        "what a Fisher estimated from a small batch makes of its weak directions: without it "
+                        "configs/smoke.yaml diverged (loss 2.3 -> 24)", ge=0.0)
     skip: list[str] = _f([], "fnmatch patterns of module names left to the plain gradient")
     batchnorm: bool = _f(True, "precondition BatchNorm with unit-wise 2x2 Fisher blocks")
     adaptive_lambda: float = _f(0.0, "adaptive intervals (Algorithm 1): a layer's refresh interval grows by 1 "
@@ -114,6 +118,10 @@ class KFACConfig:
     wire_dtype: str = _f("native", "factor exchange precision on the wire: native (the factors' dtype) or "
                          "bfloat16 (half the bytes; torch backend only)", choices=("native", "bfloat16"))
     bucket_mb: float = _f(25.0, "factor exchange: MiB per reduce-scatter bucket", gt=0.0)
+    max_bad_refreshes: int = _f(5, "consecutive refreshes a layer may have non-finite factors or need damping "
+                                "retries in its inversion (each one is warned with the layer's name); one more "
+                                "stops the run (exit 3), as such a layer stays on stale or over-damped "
+                                "curvature; 0 = no limit", ge=0)
     max_rebalances: int = _f(8, "times per run the layers may be re-placed on ranks when adaptive intervals "
                              "change the owners' costs; 0 = keep the first placement", ge=0)
 
@@ -130,6 +138,13 @@ class TrainConfig:
                           ge=0.0)
     log_every: int = _f(10, "steps between metrics rows and progress lines", gt=0)
     deterministic: bool = _f(False, "deterministic kernels (slower; for reproducibility tests)")
+    divergence_factor: float = _f(10.0, "stop the run (exit 3, no checkpoint of the diverged state) when the "
+                                  "loss (averaged over ranks) or the weights are non-finite, or when the loss's "
+                                  "median over the last 9 steps (from step 3 on, over all so far) exceeds both "
+                                  "this many times the smallest such median so far and the first one: a few noisy "
+                                  "batches cannot trigger it, and a trained model only counts as diverged once it "
+                                  "is worse than at the start; 0 = only non-finite",
+                                  ge=0.0)
     dtype: str = _f("float32", "parameter dtype (float64 for oracle tests on CPU)",
                     choices=("float32", "float64"))
 

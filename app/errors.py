@@ -33,3 +33,10 @@ class LaunchError(UserError, RuntimeError):
 
 class CheckpointError(UserError, RuntimeError):
     """A checkpoint that was asked for explicitly cannot be used."""
+
+
+class Diverged(Exception):
+    """Training stopped because the model broke: a non-finite or exploded loss (``train.divergence_factor``)
+    or a K-FAC layer past ``kfac.max_bad_refreshes``; the message is one line. Every rank raises it at the
+    same step (they decide on shared values), before any checkpoint of that step; the CLI prints it once
+    and exits with ``checkpoint.DIVERGED_EXIT``."""

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import logging
 import math
+import statistics
 import sys
 import time
+from collections import deque
 from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -23,6 +25,7 @@ from app.comm import Comm
 from app.comm.grad_sync import GradientAverager
 from app.config import Config
 from app.data import build_loaders
+from app.errors import Diverged
 from app.launch import World
 from app.metrics import Metrics, Summary
 from app.models import build_model
@@ -36,6 +39,42 @@ class Requeue(SystemExit):
 
     def __init__(self) -> None:
         super().__init__(REQUEUE_EXIT)
+
+
+class LossWatch:
+    """``train.divergence_factor``'s rule on the rank-averaged step loss; every rank feeds it the same values.
+
+    The median of the last ``WINDOW`` steps (of all of them from the third step on, while fewer) rather
+    than the step loss, so a few bad batches of a noisy small-batch run cannot trip it, while an
+    explosion in the first steps is still measured against the loss at the start; and it must exceed
+    the first median as well as ``factor`` x the best, so a well-trained model whose loss is tiny is not
+    "diverged" by noise of a few hundredths.
+    """
+
+    WINDOW, FIRST = 9, 3
+
+    def __init__(self, factor: float) -> None:
+        self.factor = factor
+        self.recent: deque[float] = deque(maxlen=self.WINDOW)
+        self.first: float | None = None
+        self.best = math.inf
+
+    def check(self, step: int, loss: float, weights_finite: bool = True) -> None:
+        """Raise ``Diverged`` when ``loss`` (of optimiser step ``step``) or the weights that step made are
+        non-finite, or the median exploded."""
+        if not (math.isfinite(loss) and weights_finite):
+            what = "is not finite" if not math.isfinite(loss) else "but the weights it led to are not finite"
+            raise Diverged(f"training diverged at step {step}: loss {loss:.3g} {what}; no checkpoint written")
+        self.recent.append(loss)
+        if len(self.recent) < self.FIRST:
+            return
+        median = statistics.median(self.recent)
+        self.first = median if self.first is None else self.first
+        self.best = min(self.best, median)
+        if self.factor > 0 and median > max(self.factor * self.best, self.first):
+            raise Diverged(f"training diverged at step {step}: loss {loss:.3g} (median of the last "
+                           f"{len(self.recent)} steps {median:.3g}) > {self.factor:g} x best {self.best:.3g} "
+                           f"(train.divergence_factor); no checkpoint written")
 
 
 @dataclass
@@ -128,6 +167,7 @@ class Trainer:
         torch.manual_seed(cfg.train.seed * 100_003 + comm.rank + 1)
         self._bn_stats = _running_stats(self.model)
         self.pos = _Position()
+        self._watched = [t for t in [*self.model.parameters(), *self.model.buffers()] if t.is_floating_point()]
         # unreadable images replaced so far, summed over ranks at each metrics log / validation
         self.skipped_images: dict[str, int] = {"train": 0, "val": 0}
 
@@ -290,6 +330,7 @@ class Trainer:
                 self.kfac.trace_layers(run_dir / "kfac_layers.csv")
             log.info("run %s: %d ranks, global batch %d, %d steps/epoch, %d steps", run_dir, comm.size,
                      self.global_batch, self.steps_per_epoch, self.total_steps)
+        watch = LossWatch(cfg.train.divergence_factor)
         stop = StopSignal()
         stop.install()
         self.model.train()
@@ -322,11 +363,13 @@ class Trainer:
                         metrics.log(row)
                     loss_acc.zero_()
                     window_t, window_imgs, data_s = time.monotonic(), 0, 0.0
+                stop_now, mean_loss, finite = self._stop_agreed(stop, loss)
+                watch.check(step, mean_loss, finite)  # before any checkpoint of this step
                 if self._val_due(step):
                     val = self._log_val(metrics, step)
                 if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0:
                     self._save(ckpt)
-                if self._stop_agreed(stop):
+                if stop_now:
                     self._save(ckpt)
                     if comm.rank == 0:
                         log.warning("signal received: checkpoint written at step %d, exiting with %d",
@@ -353,9 +396,16 @@ class Trainer:
                          "skipped_images": self.skipped_images["val"]})
         return loss, top1, top5
 
-    def _stop_agreed(self, stop: StopSignal) -> bool:
-        flag = torch.tensor([1.0 if stop.received else 0.0], device=self.device)
-        return self.comm.allreduce(flag, op="sum", name="signal").item() > 0
+    def _stop_agreed(self, stop: StopSignal, loss: torch.Tensor) -> tuple[bool, float, bool]:
+        """One small allreduce per step, so all ranks take the same stop decisions: whether any rank got a
+        signal, the step loss averaged over the ranks (non-finite when any rank's is), and whether the
+        weights and buffers the step left are finite on every rank (the loss only vouches for the
+        weights before the step, and a checkpoint holds those after it)."""
+        finite = torch.isfinite(nn.utils.get_total_norm(self._watched, norm_type=math.inf))  # fused max |x|
+        packed = torch.stack([torch.tensor(1.0 if stop.received else 0.0, dtype=torch.float64, device=self.device),
+                              loss.to(device=self.device, dtype=torch.float64), (~finite).to(torch.float64)])
+        flag, total, broken = self.comm.allreduce(packed, op="sum", name="signal").tolist()
+        return flag > 0, total / self.comm.size, broken == 0
 
     def _save(self, ckpt: Checkpointer) -> None:
         state = self.state_dict()  # collective (RNG gather): every rank calls it

@@ -14,15 +14,16 @@ from torch import Tensor, nn
 
 from app.comm.base import Comm, Handle
 from app.config import KFACConfig
+from app.errors import Diverged
 from app.kfac.capture import Capture
 from app.kfac.exchange import FactorExchange, gather_objects, pack, packed_numel, unpack
 from app.kfac.factors import Layer, find_layers
 from app.kfac.fisher import sampled_losses
 from app.kfac.intervals import Clock, LayerTrace, diff
-from app.kfac.inverse import Retries
 from app.kfac.placement import Placement, imbalance, layer_cost, loads
 
 log = logging.getLogger(__name__)
+
 
 
 class KFAC:
@@ -49,13 +50,16 @@ class KFAC:
       launched when ``step`` starts; (2) while they travel, every layer whose inverse stays as it is gets
       preconditioned; (3) as each bucket lands, its owner folds the factors into the running
       average, computes Diff and inverts; (4) one small allreduce shares the owners' Diffs,
-      non-finite flags and retry counts, so intervals and counters agree on every rank;
+      non-finite flags and per-layer retry counts, so intervals, counters and stops agree on every rank;
       (5) ``share=inverses``: the refreshed inverses are allgathered and every rank preconditions
       the rest; ``share=gradients``: owners precondition their layers and the results are
       allgathered, every step. Only owners hold the running factors; ``state_dict`` gathers them.
     * **Failures.** A layer whose new factors contain NaN/Inf keeps its previous factors and
-      inverse for the step (plain gradient if it has none), counted in ``kfac_nan_skips`` and logged
-      once per layer by its owner. Cholesky failures retry in float64, then with 10x damping, counted.
+      inverse for the step (plain gradient if it has none), counted in ``kfac_nan_skips``. Cholesky
+      failures retry in float64, then with 10x damping, counted. Non-finite factors and damping
+      retries make a bad refresh, warned each time with the layer's name (rank 0); more than
+      ``max_bad_refreshes`` in a row raise ``Diverged``, as the layer would otherwise stay on stale
+      or over-damped curvature for the rest of the run.
     * **Randomness.** ``fisher=mc`` draws its labels from a generator of its own, seeded from
       (``seed``, rank) and saved per rank in ``state_dict``: nothing else draws from it, so a resumed
       run samples exactly the labels the uninterrupted one did.
@@ -89,7 +93,7 @@ class KFAC:
                           "kfac_due_layers": 0, "kfac_bytes_step": 0, "kfac_bytes_total": 0,
                           "kfac_share_bytes_total": 0, "kfac_rebalances": 0}
         self._kl_scale: Tensor | float = 1.0
-        self._warned: set[str] = set()
+        self._bad = [0] * len(self._layers)  # consecutive bad refreshes per layer
         self._trace: LayerTrace | None = None
 
     def _costs(self) -> list[float]:
@@ -187,6 +191,7 @@ class KFAC:
         finite = [flag == 0 for flag in outcome[n:2 * n]]
         changed = self.clock.update(step, due, outcome[:n], finite)
         self._count(due, inverse_due, outcome, exchange.bytes)
+        bad = self._bad_refreshes(due, inverse_due, outcome)
         if shared is not None:
             self._finish_share(shared.wait(), inverse_due, grads, updates)
         for i in grads:
@@ -202,6 +207,8 @@ class KFAC:
         for layer in self._layers:
             layer.reset()
         self._step = self._exchange = None
+        if bad is not None:
+            raise bad
 
     def _grads(self) -> dict[int, list[Tensor]]:
         """``.grad`` of the layers whose parameters all have one (alike on every rank after averaging)."""
@@ -220,12 +227,12 @@ class KFAC:
         """Owner work as buckets land: finite check, Diff, running average, inversion.
 
         Returns this rank's share of the step's decisions, summed over the ranks afterwards:
-        ``[Diff per layer (NaN: none computed), non-finite flag per layer, fp64 retries,
-        damping retries]``, zero for layers it does not own.
+        ``[Diff per layer (NaN: none computed), non-finite flag per layer, damping retries per layer,
+        fp64 retries]``, zero for layers it does not own.
         """
         n = len(self._layers)
-        report = torch.zeros(2 * n + 2, dtype=torch.float64, device=self._device)
-        retries = Retries()
+        report = torch.zeros(3 * n + 1, dtype=torch.float64, device=self._device)
+        fp64 = 0
         inverted = set()
         for bucket in exchange.results():
             finite = torch.stack([torch.stack([torch.isfinite(t).all() for t in ts]).all()
@@ -234,7 +241,6 @@ class KFAC:
                 layer = self._layers[i]
                 if not ok:
                     report[n + i] = 1
-                    self._warn_nonfinite(layer)
                 else:
                     if self.clock.adaptive:
                         report[i] = (torch.stack([diff(x, p) for x, p in zip(new, layer.previous)]).max().to(report)
@@ -242,20 +248,42 @@ class KFAC:
                         layer.previous = new
                     layer.fold(new, self.cfg.stat_decay)
                 if inverse_due[i] and layer.factors is not None:
-                    retries += layer.invert(self.cfg.damping, self.cfg.inverse, self.cfg.eigen_damping)
+                    fp64 += self._invert(i, report)
                     inverted.add(i)
         for i, layer in enumerate(self._layers):  # due for an inverse without new factors
             if self._mine(i) and inverse_due[i] and i not in inverted and layer.factors is not None:
-                retries += layer.invert(self.cfg.damping, self.cfg.inverse, self.cfg.eigen_damping)
-        report[2 * n] = retries.fp64
-        report[2 * n + 1] = retries.damping
+                fp64 += self._invert(i, report)
+        report[3 * n] = fp64
         return report
 
-    def _warn_nonfinite(self, layer: Layer) -> None:
-        if layer.name not in self._warned:
-            self._warned.add(layer.name)
-            log.warning("K-FAC: non-finite factors in layer %s at step %s; its factor update is skipped "
-                        "(counted in kfac_nan_skips, logged once per layer)", layer.name, self._step)
+    def _invert(self, i: int, report: Tensor) -> int:
+        """Invert layer i, noting its damping retries in ``report``; returns its float64 retries."""
+        retries = self._layers[i].invert(self.cfg.damping, self.cfg.inverse, self.cfg.eigen_damping)
+        report[2 * len(self._layers) + i] = retries.damping
+        return retries.fp64
+
+    def _bad_refreshes(self, due: list[bool], inverse_due: list[bool], outcome: list[float]) -> Diverged | None:
+        """Track each refreshed layer's run of bad refreshes (non-finite factors or damping retries) from the
+        shared ``outcome``: rank 0 warns about each one; the error to raise once a run passes the limit."""
+        n, limit = len(self._layers), self.cfg.max_bad_refreshes
+        for i, layer in enumerate(self._layers):
+            if not (due[i] or inverse_due[i]):
+                continue
+            nonfinite, damping = outcome[n + i] > 0, round(outcome[2 * n + i])
+            if not (nonfinite or damping):
+                self._bad[i] = 0
+                continue
+            self._bad[i] += 1
+            what = ("non-finite factors (factor update skipped)" if nonfinite
+                    else f"{damping} damping retries (x10 each) to invert")
+            if self._rank == 0:
+                log.warning("K-FAC: layer %s had %s at step %s: %d bad refreshes in a row (kfac.max_bad_refreshes=%d)",
+                            layer.name, what, self._step, self._bad[i], limit)
+            if limit and self._bad[i] > limit:
+                return Diverged(f"K-FAC layer {layer.name} had {self._bad[i]} bad refreshes in a row, the last "
+                                   f"{what} at step {self._step} (kfac.max_bad_refreshes={limit}); no checkpoint "
+                                   f"written")
+        return None
 
     def _launch_share(self, inverse_due: list[bool], grads: dict[int, list[Tensor]],
                       updates: dict[int, list[Tensor]]) -> Handle[list[Tensor]] | None:
@@ -313,8 +341,8 @@ class KFAC:
         c["kfac_factor_updates"] += any(due)
         c["kfac_inverse_updates"] += any(d and has for d, has in zip(inverse_due, self.clock.has_inverse))
         c["kfac_nan_skips"] += round(sum(outcome[n:2 * n]))
-        c["kfac_fp64_retries"] += round(outcome[2 * n])
-        c["kfac_damping_retries"] += round(outcome[2 * n + 1])
+        c["kfac_damping_retries"] += round(sum(outcome[2 * n:3 * n]))
+        c["kfac_fp64_retries"] += round(outcome[3 * n])
         c["kfac_due_layers"] = sum(due)
         c["kfac_bytes_step"] = sent
         c["kfac_bytes_total"] += sent
@@ -397,6 +425,7 @@ class KFAC:
             samplers = [sampler for _, sampler in parts]
         return {
             "counters": dict(self._counters),
+            "bad_refreshes": list(self._bad),
             "kl_scale": float(self._kl_scale),
             "inverse_method": [self.cfg.inverse, self.cfg.eigen_damping, self.cfg.damping],
             "clock": self.clock.state_dict(),
@@ -420,6 +449,7 @@ class KFAC:
         has_inverse = [same_method and e["inverse"] is not None for e in entries]
         self.clock.load_state_dict(state["clock"], [e["factors"] is not None for e in entries], has_inverse)
         self._counters.update(state["counters"])
+        self._bad = list(state.get("bad_refreshes", self._bad))
         self._kl_scale = state["kl_scale"]
         self.placement = Placement(self._costs(), self._size, self.cfg.max_rebalances)
         self.placement.rebalances = self._counters["kfac_rebalances"]
