@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
+import pickle
 import re
 import signal
 from pathlib import Path
@@ -20,6 +20,7 @@ import torch
 
 from app.errors import CheckpointError
 from app.preempt import STOP_SIGNALS
+from app.storage import full_disk_as_error, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -40,22 +41,8 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_atomic(path: Path, write: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with tmp.open("wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
-    _fsync_dir(path.parent)
+def _sidecar(path: Path) -> Path:
+    return path.with_name(path.name + ".sha256")
 
 
 class Checkpointer:
@@ -66,11 +53,19 @@ class Checkpointer:
         self.keep = keep
 
     def save(self, state: dict[str, Any], step: int) -> Path:
-        self.dir.mkdir(parents=True, exist_ok=True)
+        """Write ``ckpt-<step>.pt`` and its sidecar; on failure neither is left and older ones are untouched."""
+        with full_disk_as_error(self.dir):
+            self.dir.mkdir(parents=True, exist_ok=True)
+        for stale in self.dir.glob(".ckpt-*.tmp*"):  # left by a killed writer; only rank 0 writes here
+            stale.unlink(missing_ok=True)
         path = self.dir / f"ckpt-{step:08d}.pt"
-        _write_atomic(path, lambda f: torch.save(state, f))
-        digest = _sha256(path)
-        _write_atomic(path.with_suffix(".pt.sha256"), lambda f: f.write(digest.encode()))
+        write_atomic(path, lambda f: torch.save(state, f))
+        try:
+            digest = _sha256(path)
+            write_atomic(_sidecar(path), lambda f: f.write(digest.encode()))
+        except BaseException:
+            path.unlink(missing_ok=True)  # without its sidecar it would only be skipped as incomplete
+            raise
         self._prune()
         return path
 
@@ -82,7 +77,7 @@ class Checkpointer:
     def _prune(self) -> None:
         for old in self._all()[self.keep:]:
             old.unlink(missing_ok=True)
-            old.with_suffix(".pt.sha256").unlink(missing_ok=True)
+            _sidecar(old).unlink(missing_ok=True)
 
     def load_latest(self) -> tuple[dict[str, Any], Path] | None:
         """The newest complete checkpoint, skipping (with a warning) any that fail verification."""
@@ -99,15 +94,23 @@ def load(path: Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
-    sidecar = path.with_suffix(".pt.sha256")
+    sidecar = _sidecar(path)
     if not sidecar.is_file():
-        raise CheckpointError(f"checkpoint {path} is incomplete (no {sidecar.name})")
-    if sidecar.read_text().strip() != _sha256(path):
+        raise CheckpointError(f"checkpoint {path} is incomplete or not written by spngd (no {sidecar.name} "
+                              "next to it)")
+    if sidecar.read_text(errors="replace").strip() != _sha256(path):
         raise CheckpointError(f"checkpoint {path} is corrupt (SHA-256 mismatch)")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unpickling failure means the file is unusable
-        raise CheckpointError(f"checkpoint {path} cannot be read: {exc}") from None
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:  # torch's text here advises weights_only=False, i.e. running its code
+        raise CheckpointError(f"checkpoint {path} cannot be read safely (it is not a weights-only checkpoint "
+                              "written by spngd)") from None
+    except (OSError, RuntimeError, ValueError, EOFError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise CheckpointError(f"checkpoint {path} cannot be read: {first}") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"checkpoint {path} was not written by spngd (it holds a {type(state).__name__})")
+    return state
 
 
 class StopSignal:

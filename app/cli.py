@@ -14,6 +14,7 @@ import argparse
 import dataclasses
 import logging
 import sys
+import time
 from collections.abc import Callable, Sequence
 from datetime import datetime
 from pathlib import Path
@@ -199,6 +200,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     world = launch.discover()
     _setup_logging(world.rank, args.log_level)
     cfg = config_mod.load(args.config, overrides)  # validated before any collective starts
+    config_mod.check_output(cfg)
     with launch.abort_on_error(world):
         device = launch.select_device(world, cfg.train.device)
         comm = launch.init_comm(world, cfg.comm, device)
@@ -210,8 +212,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
             if comm.rank == 0:
                 print(summary.final_line(), flush=True)
         except Diverged as exc:  # every rank at the same step: a clean exit, not an abort
-            if comm.rank == 0:
-                print(f"spngd: error: {exc}", file=sys.stderr, flush=True)
+            _report_once(comm.rank, exc)
             return DIVERGED_EXIT
         finally:
             comm.shutdown()
@@ -343,6 +344,20 @@ def _cmd_sweep_report(args: argparse.Namespace) -> int:
     return 0
 
 
+#: How long the other ranks wait after a user error (every rank sees the same one) for rank 0 to print it
+#: and exit: under contention rank 0 can be seconds behind, and its launcher kills it when a peer exits.
+_RANK0_GRACE_S = 10.0
+
+
+def _report_once(rank: int, exc: BaseException) -> None:
+    """Print an error every rank raised alike on rank 0 only; the others wait for it first, since mpirun
+    ends the job at the first non-zero exit and rank 0 must get to print its line."""
+    if rank == 0:
+        print(f"spngd: error: {exc}", file=sys.stderr, flush=True)
+    else:
+        time.sleep(_RANK0_GRACE_S)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     func: Callable[[argparse.Namespace], int] = args.func
@@ -351,8 +366,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as exc:
         from app.launch import global_rank  # from the rank variables alone: right even when discovery failed
 
-        if global_rank() == 0:
-            print(f"spngd: error: {exc}", file=sys.stderr, flush=True)
+        _report_once(global_rank(), exc)
         return USAGE_EXIT
     except KeyboardInterrupt:
         return 130

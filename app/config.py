@@ -7,14 +7,24 @@ exit code 2 instead of a hung collective on 1,024 GPUs.
 from __future__ import annotations
 
 import dataclasses
+import os
+import tempfile
 import typing
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from app.errors import ConfigError
+from app.storage import existing_ancestor, write_atomic
+
+#: Bounds of every number whose key states none: an int must fit the C int (int32) that torch, numpy
+#: and the collectives take it as; a float of larger magnitude is a typo, and its products overflow
+#: float32 (e.g. 1e300 passes float64 parsing and is inf on the device).
+INT_LIMIT = 2**31 - 1
+FLOAT_LIMIT = 1e6
 
 
 def _f(default: Any, help: str, *, choices: tuple[Any, ...] | None = None,
@@ -70,22 +80,23 @@ class OptimConfig:
     name: str = _f("sgd", "optimiser", choices=("sgd", "lars", "adam", "adamw"))
     preconditioner: str = _f("none", "gradient preconditioner applied before the optimiser step",
                              choices=("none", "kfac"))
-    lr: float = _f(0.1, "peak learning rate at base_batch images per step", gt=0.0)
+    lr: float = _f(0.1, "peak learning rate at base_batch images per step (a typo guard caps it at 1000; "
+                   "useful peaks are below 50)", gt=0.0, le=1e3)
     base_batch: int = _f(0, "linear scaling rule: lr is multiplied by global_batch/base_batch; "
                          "0 = use lr as given", ge=0)
     momentum: float = _f(0.9, "momentum (SGD, LARS)", ge=0.0, lt=1.0)
     nesterov: bool = _f(False, "Nesterov momentum (SGD)")
-    weight_decay: float = _f(5e-5, "L2 weight decay; never applied to BN parameters or biases", ge=0.0)
+    weight_decay: float = _f(5e-5, "L2 weight decay; never applied to BN parameters or biases", ge=0.0, le=1.0)
     betas: list[float] = _f([0.9, 0.999], "Adam betas")
-    eps: float = _f(1e-8, "Adam epsilon", gt=0.0)
-    lars_eta: float = _f(0.001, "LARS trust coefficient", gt=0.0)
+    eps: float = _f(1e-8, "Adam epsilon", gt=0.0, le=1.0)
+    lars_eta: float = _f(0.001, "LARS trust coefficient", gt=0.0, le=1.0)
     warmup_epochs: float = _f(0.0, "linear warmup from 0 to the peak lr, per step", ge=0.0)
     schedule: str = _f("cosine", "decay after warmup",
                        choices=("constant", "step", "cosine", "poly"))
     milestones: list[float] = _f([30.0, 60.0, 80.0], "step schedule: epochs where lr *= gamma")
     gamma: float = _f(0.1, "step schedule factor", gt=0.0, le=1.0)
     power: float = _f(2.0, "poly schedule power", gt=0.0)
-    end_lr: float = _f(0.0, "lr at the end of poly/cosine decay", ge=0.0)
+    end_lr: float = _f(0.0, "lr at the end of poly/cosine decay", ge=0.0, le=1e3)
     label_smoothing: float = _f(0.0, "label smoothing of the cross-entropy", ge=0.0, lt=1.0)
     grad_accum: int = _f(1, "micro-batches accumulated per optimiser step", gt=0)
 
@@ -130,7 +141,8 @@ class KFACConfig:
 class TrainConfig:
     epochs: float = _f(1.0, "training length in epochs", gt=0.0)
     max_steps: int = _f(0, "stop after this many optimiser steps; 0 = no limit", ge=0)
-    seed: int = _f(0, "base random seed (each rank derives its own)", ge=0)
+    seed: int = _f(0, "base random seed (each rank derives its own; at most 2**32-1, the range numpy "
+                   "and torch seed from)", ge=0, le=2**32 - 1)
     precision: str = _f("fp32", "compute precision", choices=("fp32", "bf16", "fp16"))
     device: str = _f("auto", "auto = cuda:<local rank> when a GPU exists, else cpu",
                      choices=("auto", "cpu", "cuda"))
@@ -192,9 +204,15 @@ def _type_name(tp: Any) -> str:
     return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(tp, str(tp))
 
 
+def _shown(value: Any) -> str:
+    """``repr(value)``, shortened: an error line must stay one readable line."""
+    text = repr(value)
+    return text if len(text) <= 60 else f"{text[:40]}...({len(text)} characters)"
+
+
 def _coerce(key: str, value: Any, tp: Any) -> Any:
     """Convert ``value`` to ``tp`` or raise ConfigError naming the key and what is allowed."""
-    bad = ConfigError(f"config: {key}={value!r} is not {_type_name(tp)}")
+    bad = ConfigError(f"config: {key}={_shown(value)} is not {_type_name(tp)}")
     if typing.get_origin(tp) is list:
         (inner,) = typing.get_args(tp)
         if isinstance(value, str):
@@ -220,7 +238,7 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
             raise bad
         try:
             out = float(value)
-        except ValueError:
+        except (ValueError, OverflowError):  # OverflowError: an int beyond float's range
             raise bad from None
         if out != out or out in (float("inf"), float("-inf")):
             raise bad
@@ -233,15 +251,24 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
 
 
 def _check_range(key: str, value: Any, meta: typing.Mapping[str, Any]) -> None:
+    """The key's choices and bounds; a number whose key states no bound on a side gets the generic
+    limit there (INT_LIMIT, FLOAT_LIMIT)."""
     items = value if isinstance(value, list) else [value]
     for v in items:
         if meta.get("choices") and v not in meta["choices"]:
             raise ConfigError(f"config: {key}={v!r} is not one of {', '.join(map(str, meta['choices']))}")
+        bounds = dict(meta)
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            limit = INT_LIMIT if isinstance(v, int) else FLOAT_LIMIT
+            if bounds.get("le") is None and bounds.get("lt") is None:
+                bounds["le"] = limit
+            if bounds.get("ge") is None and bounds.get("gt") is None:
+                bounds["ge"] = -limit
         for op, ok, word in (("ge", lambda a, b: a >= b, ">="), ("gt", lambda a, b: a > b, ">"),
                              ("le", lambda a, b: a <= b, "<="), ("lt", lambda a, b: a < b, "<")):
-            bound = meta.get(op)
+            bound = bounds.get(op)
             if bound is not None and not ok(v, bound):
-                raise ConfigError(f"config: {key}={v!r} is out of range (must be {word} {bound})")
+                raise ConfigError(f"config: {key}={_shown(v)} is out of range (must be {word} {bound})")
 
 
 def _apply(obj: Any, path: str, data: dict[str, Any]) -> None:
@@ -284,19 +311,70 @@ def _override(text: str) -> dict[str, Any]:
     return out
 
 
+def _duplicate_keys(node: yaml.Node, path: str = "") -> tuple[str, int, int] | None:
+    """The first key given twice in one mapping, at any depth: (dotted key, first line, second line)."""
+    children: list[tuple[str, yaml.Node]] = []
+    if isinstance(node, yaml.MappingNode):
+        seen: dict[str, int] = {}
+        for key_node, value_node in node.value:
+            key = str(key_node.value)
+            full = f"{path}.{key}" if path else key
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                return full, seen[key], line
+            seen[key] = line
+            children.append((full, value_node))
+    elif isinstance(node, yaml.SequenceNode):
+        children = [(f"{path}[{i}]", item) for i, item in enumerate(node.value)]
+    for child_path, child in children:
+        found = _duplicate_keys(child, child_path)
+        if found is not None:
+            return found
+    return None
+
+
+def _read_yaml(p: Path) -> dict[str, Any]:
+    """The top-level mapping of config file ``p``; anything else is one ConfigError naming the file."""
+    if not p.is_file():
+        raise ConfigError(f"config: file {str(p)!r} does not exist")
+    try:
+        text = p.read_bytes().decode("utf-8")
+    except OSError as exc:
+        raise ConfigError(f"config: cannot read {p}: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        line, byte = exc.object[: exc.start].count(b"\n") + 1, exc.object[exc.start]
+        raise ConfigError(f"config: {p} is not UTF-8 text (byte 0x{byte:02x} on line {line})") from None
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        duplicate = _duplicate_keys(node) if node is not None else None
+        data = loader.construct_document(node) if node is not None and duplicate is None else None
+    except yaml.YAMLError as exc:
+        mark = getattr(getattr(exc, "problem_mark", None), "line", None)
+        where = f" (line {mark + 1})" if mark is not None else ""
+        raise ConfigError(f"config: {p} is not valid YAML{where}") from None
+    except (ValueError, RecursionError) as exc:  # e.g. a date like 2026-13-01, a 5000-digit int, deep nesting
+        first = (str(exc).splitlines() or [""])[0]
+        raise ConfigError(f"config: {p} has a value YAML cannot convert ({type(exc).__name__}: {first})") from None
+    finally:
+        loader.dispose()
+    if duplicate is not None:
+        key, first_line, second_line = duplicate
+        raise ConfigError(f"config: {p} sets {key} twice (lines {first_line} and {second_line})")
+    if data is None:
+        raise ConfigError(f"config: {p} is empty (no settings; pass no --config to run on the defaults)")
+    if not isinstance(data, dict):
+        raise ConfigError(f"config: {p} must be a mapping of sections (data:, model:, optim:, ...), not a "
+                          f"{type(data).__name__}")
+    return data
+
+
 def load(path: str | Path | None, overrides: typing.Sequence[str] = ()) -> Config:
     """Build a validated Config from an optional YAML file and ``section.key=value`` overrides."""
     cfg = Config()
     if path is not None:
         p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config: file {str(p)!r} does not exist")
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as exc:
-            line = getattr(getattr(exc, "problem_mark", None), "line", None)
-            where = f" (line {line + 1})" if line is not None else ""
-            raise ConfigError(f"config: {p} is not valid YAML{where}") from None
+        data = _read_yaml(p)
         data.setdefault("name", p.stem)
         _apply(cfg, "", data)
     for text in overrides:
@@ -323,8 +401,42 @@ def _check_consistency(cfg: Config) -> None:
 
 
 def dump(cfg: Config, path: Path) -> None:
-    """Write the resolved configuration (what actually ran) as YAML."""
-    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    """Write the resolved configuration (what actually ran) as YAML, atomically."""
+    text = yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode()
+    write_atomic(path, lambda f: f.write(text))
+
+
+def run_name(cfg: Config, now: datetime | None = None) -> str:
+    """The run directory's name: output.name, or <config name>-<timestamp>."""
+    return cfg.output.name or f"{cfg.name}-{now or datetime.now():%Y%m%d-%H%M%S}"
+
+
+def check_output(cfg: Config) -> None:
+    """Refuse, with one ConfigError, a run directory that cannot be created and written.
+
+    Called on every rank before any collective: the same answer everywhere (a shared file system),
+    so the job ends with exit 2 and rank 0's line instead of one rank failing inside a collective.
+    Creates output.dir (as the run would) and one probe file in it, removed at once.
+    """
+    name, key = run_name(cfg), "output.name" if cfg.output.name else "name"
+    parent = Path(cfg.output.dir or ".")
+    if "/" in name or "\0" in name or name in (".", ".."):
+        raise ConfigError(f"config: {key}={name!r} must be a plain directory name (no '/', NUL, '.', '..')")
+    limit = os.pathconf(existing_ancestor(parent), "PC_NAME_MAX")
+    if len(os.fsencode(name)) > limit:
+        raise ConfigError(f"config: {key}={_shown(name)} is {len(os.fsencode(name))} bytes long; the file "
+                          f"system of output.dir={cfg.output.dir!r} allows {limit}")
+    if parent.exists() and not parent.is_dir():
+        raise ConfigError(f"config: output.dir={cfg.output.dir!r} is not a directory")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"config: output.dir={cfg.output.dir!r} cannot be created: {exc.strerror}") from None
+    try:
+        with tempfile.TemporaryFile(dir=parent, prefix=".spngd-probe-"):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"config: output.dir={cfg.output.dir!r} is not writable: {exc.strerror}") from None
 
 
 def describe() -> list[tuple[str, Any, str]]:

@@ -35,6 +35,12 @@ class CheckpointError(UserError, RuntimeError):
     """A checkpoint that was asked for explicitly cannot be used."""
 
 
+class DiskFullError(OSError):
+    """A file could not be written because its file system (or the user's quota) is full.
+
+    Not a UserError: only the writing rank sees it, so it ends the job as a rank failure (exit 1)."""
+
+
 class Diverged(Exception):
     """Training stopped because the model broke: a non-finite or exploded loss (``train.divergence_factor``)
     or a K-FAC layer past ``kfac.max_bad_refreshes``; the message is one line. Every rank raises it at the

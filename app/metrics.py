@@ -4,12 +4,20 @@ machine-readable FINAL line that sweeps and job scripts parse."""
 from __future__ import annotations
 
 import csv
+import io
+import logging
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
+
+from app.errors import DiskFullError
+from app.storage import full_disk_as_error, write_atomic
+
+log = logging.getLogger(__name__)
 
 #: Columns of metrics.csv; later features append theirs via ``extra_fields``.
 BASE_FIELDS = ("kind", "step", "epoch", "time_s", "loss", "top1", "top5", "lr",
@@ -62,11 +70,15 @@ class Metrics:
         self.history: list[dict[str, Any]] = []
         self._stream = stream or sys.stdout  # looked up now: callers may have redirected it
         self._start = time.monotonic()
-        new = not (run_dir / "metrics.csv").exists()
-        self._csv_file = (run_dir / "metrics.csv").open("a", newline="")
-        self._csv = csv.DictWriter(self._csv_file, fieldnames=self.fields, extrasaction="ignore")
+        self._csv_path = run_dir / "metrics.csv"
+        new = not self._csv_path.exists()
+        with full_disk_as_error(self._csv_path):
+            self._csv_file = self._csv_path.open("ab", buffering=0)  # unbuffered: a failed row can be undone
+        self._row = io.StringIO()
+        self._csv = csv.DictWriter(self._row, fieldnames=self.fields, extrasaction="ignore")
         if new:
             self._csv.writeheader()
+            self._append()
         self._tb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -80,12 +92,31 @@ class Metrics:
         row = {"time_s": round(time.monotonic() - self._start, 3), **row}
         self.history.append(row)
         self._csv.writerow({k: _fmt(v) for k, v in row.items()})
-        self._csv_file.flush()
+        self._append()
         if self._tb is not None:
             for key, value in row.items():
                 if key not in ("kind", "step", "epoch") and isinstance(value, (int, float)) and math.isfinite(value):
                     self._tb.add_scalar(f"{row['kind']}/{key}", value, row["step"])
         self._show(row)
+
+    def _append(self) -> None:
+        """Append the row formatted in ``self._row`` to metrics.csv whole, or not at all: on a full disk
+        the file is cut back to its last complete row (a new, empty file is removed) before raising."""
+        data = self._row.getvalue().encode()
+        self._row.seek(0)
+        self._row.truncate()
+        size = os.fstat(self._csv_file.fileno()).st_size
+        try:
+            with full_disk_as_error(self._csv_path):
+                view = memoryview(data)
+                while view:
+                    view = view[self._csv_file.write(view) or 0:]
+        except OSError:
+            os.ftruncate(self._csv_file.fileno(), size)
+            if size == 0:
+                self._csv_file.close()
+                self._csv_path.unlink(missing_ok=True)
+            raise
 
     def _show(self, row: dict[str, Any]) -> None:
         if row["kind"] == "train" and self._bar is not None:
@@ -115,7 +146,13 @@ class Metrics:
         self._csv_file.close()
         if self._tb is not None:
             self._tb.close()
-        return write_plot(self.history, self.run_dir / "plot.png") if plot else None
+        if not plot:
+            return None
+        try:
+            return write_plot(self.history, self.run_dir / "plot.png")
+        except DiskFullError as exc:  # a picture of metrics.csv, which is complete: not worth failing the run
+            log.warning("plot not written: %s", exc)
+            return None
 
 
 def _fmt(value: Any) -> Any:
@@ -141,6 +178,8 @@ def write_plot(history: list[dict[str, Any]], path: Path) -> Path:
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    try:
+        write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=100))
+    finally:
+        plt.close(fig)
     return path

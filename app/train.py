@@ -11,7 +11,6 @@ from collections import deque
 from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -25,11 +24,12 @@ from app.comm import Comm
 from app.comm.grad_sync import GradientAverager
 from app.config import Config
 from app.data import build_loaders
-from app.errors import Diverged
+from app.errors import CheckpointError, Diverged
 from app.launch import World
 from app.metrics import Metrics, Summary
 from app.models import build_model
 from app.optim import build_criterion, build_optimizer, build_schedule
+from app.storage import full_disk_as_error
 
 log = logging.getLogger(__name__)
 
@@ -93,10 +93,10 @@ def _broadcast_text(comm: Comm, text: str) -> str:
 
 
 def make_run_dir(cfg: Config, comm: Comm) -> Path:
-    name = cfg.output.name or f"{cfg.name}-{datetime.now():%Y%m%d-%H%M%S}"
-    run_dir = Path(cfg.output.dir) / _broadcast_text(comm, name)
+    run_dir = Path(cfg.output.dir) / _broadcast_text(comm, config_mod.run_name(cfg))
     if comm.rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        with full_disk_as_error(run_dir):
+            run_dir.mkdir(parents=True, exist_ok=True)
         config_mod.dump(cfg, run_dir / "config.yaml")
     comm.barrier()
     return run_dir
@@ -139,7 +139,10 @@ class Trainer:
             torch.use_deterministic_algorithms(True)
         self.train_loader, self.val_loader, self.info = build_loaders(
             cfg, comm.rank, comm.size, device, seed=cfg.train.seed)
-        self.model = build_model(cfg.model, self.info.num_classes, in_channels=self.info.channels)
+        try:
+            self.model = build_model(cfg.model, self.info.num_classes, in_channels=self.info.channels)
+        except ValueError as exc:  # the model does not fit the data, e.g. model.num_classes too small
+            raise config_mod.ConfigError(str(exc)) from None
         self.model.to(device=device, dtype=self.dtype)
         for tensor in list(self.model.parameters()) + list(self.model.buffers()):
             comm.broadcast(tensor.data, root=0, name="setup")
@@ -426,9 +429,39 @@ class Trainer:
         else:
             path = Path(which)
             state = load_checkpoint(path)
+        self._check_fits(state, path)
         self.load_state_dict(state)
         if self.comm.rank == 0:
             log.info("resumed from %s at step %d", path, self.pos.step)
+
+    def _check_fits(self, state: dict[str, Any], path: Path) -> None:
+        """One line when ``state`` cannot continue this run (another program, model or optimiser), instead
+        of load_state_dict's list of every mismatched key."""
+        absent = [k for k in ("step", "world_size", "model", "optimizer", "schedule", "scaler", "kfac", "rng")
+                  if k not in state]
+        if absent or not isinstance(state["model"], dict):
+            raise CheckpointError(f"checkpoint {path} was not written by spngd train (it has no "
+                                  f"{absent[0] if absent else 'model state dict'!r})")
+        saved = state.get("config")
+        for section, key in (("model", "arch"), ("optim", "name")):
+            was = saved.get(section, {}).get(key) if isinstance(saved, dict) else None
+            now = getattr(getattr(self.cfg, section), key)
+            if was is not None and was != now:
+                raise CheckpointError(f"checkpoint {path} was written for {section}.{key}={was} (its config), "
+                                      f"this run has {section}.{key}={now}")
+        own, theirs = self.model.state_dict(), state["model"]
+        missing = [k for k in own if k not in theirs]
+        unexpected = [k for k in theirs if k not in own]
+        if missing or unexpected:
+            first = f"first missing: {missing[0]}" if missing else f"first unexpected: {unexpected[0]}"
+            raise CheckpointError(f"checkpoint {path} does not fit this {self.cfg.model.arch}: {len(missing)} "
+                                  f"tensors missing, {len(unexpected)} unexpected ({first})")
+        for k, tensor in own.items():
+            other = theirs[k]
+            if not isinstance(other, torch.Tensor) or other.shape != tensor.shape:
+                shape = list(other.shape) if isinstance(other, torch.Tensor) else type(other).__name__
+                raise CheckpointError(f"checkpoint {path} does not fit this run: {k} is {shape} there, "
+                                      f"{list(tensor.shape)} here (model.num_classes or the data differ?)")
 
 
 def _running_stats(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -72,3 +72,82 @@ def test_every_option_is_described() -> None:
     rows = config.describe()
     assert all(help_text for _, _, help_text in rows)
     assert ("optim.lr", 0.1) in [(k, d) for k, d, _ in rows]
+
+
+def _numeric_keys() -> list[tuple[str, type]]:
+    import dataclasses
+    import typing
+    out = []
+    for sec in dataclasses.fields(config.Config):
+        section = typing.get_type_hints(config.Config)[sec.name]
+        if dataclasses.is_dataclass(section):
+            hints = typing.get_type_hints(section)
+            out += [(f"{sec.name}.{f.name}", hints[f.name]) for f in dataclasses.fields(section)
+                    if hints[f.name] in (int, float)]
+    return out
+
+
+@pytest.mark.parametrize("key, tp", _numeric_keys(), ids=[k for k, _ in _numeric_keys()])
+def test_every_number_is_bounded(key: str, tp: type) -> None:
+    """No number passes validation only to overflow later (lr=1e300, seed=2**70): every key, present
+    or added later, has an upper and a lower bound, its own or the generic one."""
+    for huge in ((2**70, -(2**70)) if tp is int else (1e300, -1e300)):
+        with pytest.raises(ConfigError, match=rf"config: {key}=.* is out of range \(must be [<>]=? "):
+            config.load(None, [f"{key}={huge}"])
+
+
+def test_yaml_file_shapes_and_duplicates(tmp_path: Path) -> None:
+    cases = {
+        b"- a\n": "must be a mapping of sections (data:, model:, optim:, ...), not a list",
+        b"42\n": "not a int",
+        b"": "is empty",
+        b"---\n# only a comment\n": "is empty",
+        b"optim:\n  lr: 0.1\xe9\n": "is not UTF-8 text (byte 0xe9 on line 2)",
+        b"a: &x {b: 1}\nkfac:\n  skip: [x]\n  skip: [y]\n": "sets kfac.skip twice (lines 3 and 4)",
+        b"data:\n  batch_size: 1" + b"0" * 5000 + b"\n": "has a value YAML cannot convert",
+    }
+    for i, (content, message) in enumerate(cases.items()):
+        path = tmp_path / f"c{i}.yaml"
+        path.write_bytes(content)
+        with pytest.raises(ConfigError) as info:
+            config.load(path)
+        assert message in str(info.value) and str(path) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_same_key_in_different_sections_is_not_a_duplicate(tmp_path: Path) -> None:
+    path = tmp_path / "ok.yaml"
+    path.write_text("comm:\n  bucket_mb: 10\nkfac:\n  bucket_mb: 20\n")
+    cfg = config.load(path)
+    assert (cfg.comm.bucket_mb, cfg.kfac.bucket_mb) == (10.0, 20.0)
+
+
+def test_output_directory_is_checked(tmp_path: Path) -> None:
+    ok = config.load(None, [f"output.dir={tmp_path}/new/runs", "output.name=a"])
+    config.check_output(ok)
+    assert (tmp_path / "new/runs").is_dir() and list((tmp_path / "new/runs").iterdir()) == []  # probe removed
+    (tmp_path / "file").write_text("")
+    for overrides, message in (
+            ([f"output.dir={tmp_path}/file/runs"], "cannot be created: Not a directory"),
+            ([f"output.dir={tmp_path}/file"], "is not a directory"),
+            (["output.name=" + "é" * 200], "is 400 bytes long; the file system of output.dir="),
+            (["output.name=a/b"], "must be a plain directory name"),
+            (["output.name=a\0b"], "must be a plain directory name"),
+            (["output.name=.."], "must be a plain directory name")):
+        cfg = config.load(None, [f"output.dir={tmp_path}", *overrides])
+        with pytest.raises(ConfigError, match=message):
+            config.check_output(cfg)
+
+
+def test_read_only_output_directory_is_refused(tmp_path: Path) -> None:
+    import subprocess
+    mnt = tmp_path / "ro"
+    mnt.mkdir()
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(mnt)], capture_output=True,
+                         text=True)
+    if res.returncode != 0:
+        pytest.skip(f"cannot mount a read-only tmpfs here: {res.stderr.strip() or res.returncode}")
+    try:
+        with pytest.raises(ConfigError, match="is not writable: Read-only file system"):
+            config.check_output(config.load(None, [f"output.dir={mnt}"]))
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)

@@ -15,7 +15,7 @@ CLI_LAYER = {"app.cli", "app.__main__"}
 # Bottom to top, as in docs/architecture.md: a module may import its own layer and those below it.
 LAYERS = (
     ("app.errors",),
-    ("app.config", "app.checkpoint", "app.preempt"),
+    ("app.config", "app.checkpoint", "app.preempt", "app.storage"),
     ("app.comm",),
     ("app.launch", "app.kfac", "app.data", "app.models", "app.optim", "app.metrics"),
     ("app.train",),
