@@ -1,73 +1,117 @@
-"""Issue 4's convergence claim on real data: K-FAC reaches 97% training accuracy in at most half the
-optimiser steps that momentum SGD needs at the same batch size.
+"""Issue 4's convergence claim on real data, made to hold on any x86-64 CPU (issue 10, finding 2):
+the median over seeds 1, 2, 3 of K-FAC's optimiser steps to 97% windowed training accuracy is at
+most RATIO = 0.75 x the median of momentum SGD's steps at its best lr of the grid.
 
-Both run the real training path (``Trainer.steps``: the bundled MNIST-5k JPEGs through the torch
-loader, cifar_resnet8 with the default zero-init of residual BN gammas, one process) at batch 256
-with the same schedule: 0.2-epoch linear warm-up, then polynomial (power 2) decay over 100 steps.
-Crop augmentation is off (``min_crop_area=1``) so that the measure is how fast each optimiser fits
-the training set. Learning-rate grids:
+The recipe, the K-FAC settings (emp Fisher, damping 1e-3, KL clip 1e-3, factors and inverses every
+step, lr 0.2: all explicit, independent of the defaults) and the run-until-target helper are
+``experiments/time_to_accuracy.py``'s, which also measures the numbers quoted here (README, Results).
+``train.seed`` changes both the initial weights and the data order.
 
-* K-FAC (emp Fisher, factors and inverses every step, damping 1e-3, KL clip 1e-3): lr in {0.1, 0.2}
-* SGD (Nesterov momentum 0.9, the demo's weight decay): lr in {0.4, 0.8, 1.6, 3.2}
+Why 0.75: measured on AMD EPYC (2026-12-02), K-FAC took 38, 35, 34 steps (median 35); SGD's best
+over its grid took 87 steps on seed 1 (lr 1.6) and more than 100, the schedule's length, on seeds 2
+and 3: a ratio of at most 0.35 (0.44 on seed 1 alone). One seed on one CPU was not enough: seed 1
+took K-FAC 38 steps on AMD and 46 on an Intel Xeon (other kernels, other float rounding), SGD 87 on
+both (0.44 and 0.53), and the old bound of 0.5 on that one seed failed on Intel. Now SGD would have
+to reach the target within ceil(35 / 0.75) - 1 = 46 steps (about half of its best) on two of the
+three seeds, or a K-FAC seed miss it within the schedule; a run that ends its schedule (lr 0 at step
+100) without reaching the target never does, so it counts as slower than any run that does.
 
-"Training accuracy" is the mean batch accuracy over the last 5 steps (1,280 images). K-FAC's best
-step count k sets the budget: every SGD run stops at 2k - 1 steps and none may reach the target by
-then. Measured here (2026-11-22, CPU): K-FAC 38 steps (lr 0.2); SGD 87 steps at lr 1.6, over 100 at
-lr 0.8. Fixed seeds and one thread make the outcome repeatable.
+SGD's grid is lr in {0.8, 1.6, 3.2}: in the benchmark's grid {0.4, 0.8, 1.6, 3.2} only lr 1.6
+reached the target (seed 1, 87 steps); its neighbours 0.8 and 3.2 did not within 87 steps and 0.4
+never did, on any seed, so the grid keeps the best lr with a neighbour a factor of 2 on each side,
+in case another CPU moves the optimum.
+
+Cost is bounded by stopping as soon as the outcome is decided: a seed's SGD runs stop at
+``cap = ceil(median_kfac / RATIO) - 1`` steps (reaching the target by then is what breaks the claim)
+and at its first lr that does; seeds stop once a majority has passed or failed.
 """
 
 from __future__ import annotations
 
-from collections import deque
+import importlib.util
+import json
+import math
+import statistics
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
 
-from app import config, launch
-from app.train import Trainer
-
 REPO = Path(__file__).resolve().parents[1]
-TARGET, WINDOW, SCHEDULE_STEPS = 0.97, 5, 100
-KFAC_LRS, SGD_LRS = (0.2, 0.1), (0.4, 0.8, 1.6, 3.2)
+RATIO = 0.75
+SGD_LRS = (1.6, 0.8, 3.2)  # the usual best first: a seed whose best lr breaks the claim stops sooner
 
 
-def steps_to_target(preconditioner: str, lr: float, cap: int, tmp: Path) -> int | None:
-    """Optimiser steps until the windowed training accuracy reaches TARGET (None within ``cap``)."""
-    cfg = config.load(REPO / "configs" / "demo.yaml", [
-        "model.arch=cifar_resnet8", "model.zero_init_residual=true", "data.batch_size=256", "data.workers=0",
-        "data.min_crop_area=1.0", "optim.base_batch=0", f"optim.lr={lr}", "optim.schedule=poly",
-        "optim.power=2.0", "optim.warmup_epochs=0.2", f"optim.preconditioner={preconditioner}",
-        "kfac.damping=0.001", "kfac.kl_clip=0.001", "train.epochs=100", f"train.max_steps={SCHEDULE_STEPS}",
-        f"output.dir={tmp}"])
-    world = launch.discover()
-    device = torch.device("cpu")
-    comm = launch.init_comm(world, cfg.comm, device)
-    try:
-        trainer = Trainer(cfg, world, comm, device)
-        recent: deque[float] = deque(maxlen=WINDOW)
-        for _, acc, _ in trainer.steps():
-            recent.append(acc.item())
-            if len(recent) == WINDOW and sum(recent) / WINDOW >= TARGET:
-                return trainer.pos.step
-            if trainer.pos.step >= cap:
-                return None
-        return None
-    finally:
-        comm.shutdown()
+def time_to_accuracy() -> ModuleType:
+    """experiments/time_to_accuracy.py as a module (it is a script, not part of the package)."""
+    spec = importlib.util.spec_from_file_location("time_to_accuracy", REPO / "experiments" / "time_to_accuracy.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.mark.slow
-def test_kfac_needs_at_most_half_the_steps_of_sgd(tmp_path: Path) -> None:
+@pytest.mark.timeout(1800)  # about 380 training steps: past the suite's 600 s on a loaded 2-core machine
+def test_kfac_median_steps_are_at_most_three_quarters_of_sgds(tmp_path: Path) -> None:
+    tta = time_to_accuracy()
     torch.set_num_threads(1)
-    best: int | None = None
-    for lr in KFAC_LRS:
-        steps = steps_to_target("kfac", lr, best or SCHEDULE_STEPS, tmp_path)
-        if steps is not None and (best is None or steps < best):
-            best = steps
-    assert best is not None, f"K-FAC did not reach {TARGET} training accuracy within {SCHEDULE_STEPS} steps"
-    print(f"K-FAC best: {best} steps")
-    for lr in SGD_LRS:
-        sgd = steps_to_target("none", lr, 2 * best - 1, tmp_path)
-        print(f"SGD lr={lr}: {'not within ' + str(2 * best - 1) if sgd is None else sgd} steps")
-        assert sgd is None, f"SGD lr={lr} reached {TARGET} in {sgd} steps, K-FAC's best took {best}"
+    kfac: list[int] = []
+    for seed in tta.SEEDS:
+        steps = tta.steps_to_target(tta.overrides(seed, tta.KFAC_LR, tta.KFAC_VARIANTS["K-FAC every step"]),
+                                    tta.SCHEDULE_STEPS, tmp_path).steps
+        assert steps is not None, f"K-FAC seed {seed} did not reach {tta.TARGET} within {tta.SCHEDULE_STEPS} steps"
+        kfac.append(steps)
+    median_kfac = statistics.median(kfac)
+    cap = math.ceil(median_kfac / RATIO) - 1
+    print(f"K-FAC steps per seed {kfac}, median {median_kfac}; SGD may not reach the target within {cap}")
+    need = len(tta.SEEDS) // 2 + 1  # seeds whose SGD needs more than cap steps: then its median does too
+    passed: list[int] = []
+    failed: dict[int, tuple[float, int]] = {}
+    for seed in tta.SEEDS:
+        if len(passed) >= need or len(failed) > len(tta.SEEDS) - need:
+            break
+        for lr in SGD_LRS:
+            steps = tta.steps_to_target(tta.overrides(seed, lr), cap, tmp_path).steps
+            print(f"SGD seed {seed} lr={lr}: {'not within ' + str(cap) if steps is None else steps} steps")
+            if steps is not None:
+                failed[seed] = (lr, steps)
+                break
+        else:
+            passed.append(seed)
+    assert len(passed) >= need, (
+        f"SGD reached {tta.TARGET} within {cap} steps (K-FAC's median {median_kfac} / {RATIO}) on seeds "
+        + ", ".join(f"{s} (lr {lr}: {n} steps)" for s, (lr, n) in failed.items()) + f"; K-FAC per seed {kfac}")
+
+
+def test_summary_takes_each_seeds_best_run_and_marks_unreached_medians() -> None:
+    tta = time_to_accuracy()
+    rows = [{"method": m, "seed": s, "lr": lr, "steps": n, "seconds": t} for m, s, lr, n, t in [
+        ("SGD", 1, 1.6, 80, 8.0), ("SGD", 1, 0.8, None, 9.0), ("SGD", 2, 1.6, None, 10.0), ("SGD", 2, 0.8, 90, 9.5),
+        ("SGD", 3, 1.6, None, 10.0), ("SGD", 3, 0.8, None, 10.0),
+        ("K", 1, 0.2, 40, 4.0), ("K", 2, 0.2, 30, 3.0), ("K", 3, 0.2, 50, 5.0)]]
+    sgd, k = tta.summarise(rows, 100)
+    assert (sgd["median_steps"], sgd["median_seconds"]) == ("90", "-")  # seed 3 counts as 101 > 90
+    assert sgd["per_seed"] == "seed 1: 80 steps, 8.0 s, lr 1.6; seed 2: 90 steps, 9.5 s, lr 0.8; seed 3: > 100 steps"
+    assert (k["median_steps"], k["median_seconds"]) == ("40", "4.0")
+    assert tta.summarise(rows[4:6] + rows[6:], 100)[0]["median_steps"] == "> 100"
+
+
+@pytest.mark.slow  # four Trainer set-ups and 20 steps: about 30 s on an idle core
+def test_time_to_accuracy_quick_mode_runs_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The benchmark's --quick mode on a handful of steps: every method runs and is tabulated."""
+    tta = time_to_accuracy()
+    out = tmp_path / "tta.json"
+    assert tta.main(["--quick", "--seeds", "4,5", "--target", "0.2", "--max-steps", "5", "--sgd-lrs", "1.6",
+                     "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert [(r["method"], r["seed"]) for r in result["runs"]] == [("SGD", 4)] + [(m, 4) for m in tta.KFAC_VARIANTS]
+    assert all(r["steps"] in (None, 5) for r in result["runs"])  # the 5-step window ends at step 5
+    assert all(r["seconds"] > 0 for r in result["runs"])
+    printed = capsys.readouterr().out
+    assert result["header"] in printed and printed.count("\n| ") == 1 + len(result["table"]) == 5
+    assert tta.main(["--merge", str(out), "--target", "0.2", "--max-steps", "5"]) == 0  # one process per seed
+    assert capsys.readouterr().out == printed
+    with pytest.raises(SystemExit, match="has target 0.2 and max steps 5, not 0.97 and 100"):
+        tta.main(["--merge", str(out)])
