@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from testlib import tmpfs
 
 from app import config
 from app.config import ConfigError
@@ -139,15 +140,6 @@ def test_output_directory_is_checked(tmp_path: Path) -> None:
 
 
 def test_read_only_output_directory_is_refused(tmp_path: Path) -> None:
-    import subprocess
-    mnt = tmp_path / "ro"
-    mnt.mkdir()
-    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(mnt)], capture_output=True,
-                         text=True)
-    if res.returncode != 0:
-        pytest.skip(f"cannot mount a read-only tmpfs here: {res.stderr.strip() or res.returncode}")
-    try:
+    with tmpfs(tmp_path / "ro", "ro,size=1m") as mnt:
         with pytest.raises(ConfigError, match="is not writable: Read-only file system"):
             config.check_output(config.load(None, [f"output.dir={mnt}"]))
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)

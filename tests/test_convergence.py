@@ -28,34 +28,24 @@ and at its first lr that does; seeds stop once a majority has passed or failed.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import statistics
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 import torch
+from testlib import load_script
 
 REPO = Path(__file__).resolve().parents[1]
 RATIO = 0.75
 SGD_LRS = (1.6, 0.8, 3.2)  # the usual best first: a seed whose best lr breaks the claim stops sooner
 
 
-def time_to_accuracy() -> ModuleType:
-    """experiments/time_to_accuracy.py as a module (it is a script, not part of the package)."""
-    spec = importlib.util.spec_from_file_location("time_to_accuracy", REPO / "experiments" / "time_to_accuracy.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(1800)  # about 380 training steps: past the suite's 600 s on a loaded 2-core machine
 def test_kfac_median_steps_are_at_most_three_quarters_of_sgds(tmp_path: Path) -> None:
-    tta = time_to_accuracy()
+    tta = load_script("time_to_accuracy")
     torch.set_num_threads(1)
     kfac: list[int] = []
     for seed in tta.SEEDS:
@@ -86,7 +76,7 @@ def test_kfac_median_steps_are_at_most_three_quarters_of_sgds(tmp_path: Path) ->
 
 
 def test_summary_takes_each_seeds_best_run_and_marks_unreached_medians() -> None:
-    tta = time_to_accuracy()
+    tta = load_script("time_to_accuracy")
     rows = [{"method": m, "seed": s, "lr": lr, "steps": n, "seconds": t} for m, s, lr, n, t in [
         ("SGD", 1, 1.6, 80, 8.0), ("SGD", 1, 0.8, None, 9.0), ("SGD", 2, 1.6, None, 10.0), ("SGD", 2, 0.8, 90, 9.5),
         ("SGD", 3, 1.6, None, 10.0), ("SGD", 3, 0.8, None, 10.0),
@@ -101,7 +91,7 @@ def test_summary_takes_each_seeds_best_run_and_marks_unreached_medians() -> None
 @pytest.mark.slow  # four Trainer set-ups and 20 steps: about 30 s on an idle core
 def test_time_to_accuracy_quick_mode_runs_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """The benchmark's --quick mode on a handful of steps: every method runs and is tabulated."""
-    tta = time_to_accuracy()
+    tta = load_script("time_to_accuracy")
     out = tmp_path / "tta.json"
     assert tta.main(["--quick", "--seeds", "4,5", "--target", "0.2", "--max-steps", "5", "--sgd-lrs", "1.6",
                      "--out", str(out)]) == 0

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from testlib import tmpfs
 
 from app import config
 from app.checkpoint import Checkpointer, load
@@ -29,16 +30,8 @@ SMOKE = str(REPO / "configs/smoke.yaml")
 @pytest.fixture
 def small_fs(tmp_path: Path) -> Iterator[Path]:
     """An empty 8 MiB tmpfs (skipped with the reason where mounting is not permitted)."""
-    mnt = tmp_path / "fs"
-    mnt.mkdir()
-    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mnt)], capture_output=True,
-                         text=True)
-    if res.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here: {res.stderr.strip() or res.returncode}")
-    try:
+    with tmpfs(tmp_path / "fs", "size=8m") as mnt:
         yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 def _fill(fs: Path, leave: int) -> Path:

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from testlib import WrongGrad
+from torch import nn
 
 from app.cli import main
 from app.config import load
@@ -51,21 +52,11 @@ def test_kink_crossings_are_retried_smaller_then_skipped() -> None:
     assert abs((plus - minus) / 2e-5) > 0.1  # autograd says 0: relu'(0) = 0
 
 
-class _WrongGrad(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: object, x: Tensor) -> Tensor:
-        return x * 1.0
-
-    @staticmethod
-    def backward(ctx: object, g: Tensor) -> Tensor:
-        return 1.5 * g
-
-
 def test_a_wrong_backward_still_fails_in_a_resnet() -> None:
     """Skipping kinks must not hide a backprop bug: every tensor is checked and wrong by ~1/3."""
     torch.manual_seed(0)
     model = build_model(load(None, ["model.arch=cifar_resnet8", "model.zero_init_residual=false"]).model, 4)
-    bad = lambda out, y: F.cross_entropy(_WrongGrad.apply(out), y)
+    bad = lambda out, y: F.cross_entropy(WrongGrad.apply(out), y)
     results = check_gradients(model, bad, torch.randn(2, 3, 8, 8), torch.tensor([0, 3]), max_per_tensor=2)
     assert all(r.checked > 0 for r in results.values())
     assert min(r.max_rel_err for r in results.values()) > 0.1

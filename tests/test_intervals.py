@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
 import math
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
 import torch.nn.functional as F
-from mpi_helpers import REPO
+from testlib import load_script
 from torch import Tensor, nn
 
 from app import config
@@ -178,18 +176,9 @@ def test_kfac_skips_layers_that_are_not_due(tmp_path: Path) -> None:
             assert grew == (float(row["diff"]) < 0.5), row
 
 
-def comm_volume() -> Any:
-    """experiments/comm_volume.py as a module (it is a script, not part of the package)."""
-    spec = importlib.util.spec_from_file_location("comm_volume", REPO / "experiments" / "comm_volume.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_comm_volume_table_is_relative_to_refreshing_every_step() -> None:
     """experiments/comm_volume.py's arithmetic (its runs are too slow for the suite)."""
-    cv = comm_volume()
+    cv = load_script("comm_volume")
     assert cv.parse_lambdas("none,0.25") == [0.0, 0.25]
     runs = [{"lambda": lam, "seed": seed, "top1_pct": top1, "factor_bytes_per_rank": size,
              "inverse_bytes_per_rank": 1.0, "train_s": 2.0}
@@ -201,7 +190,7 @@ def test_comm_volume_table_is_relative_to_refreshing_every_step() -> None:
 
 
 def test_comm_volume_reuses_only_runs_that_validated_at_their_last_step(tmp_path: Path) -> None:
-    cv = comm_volume()
+    cv = load_script("comm_volume")
     head = "kind,step,time_s,top1,kfac_bytes_total\n"
     (tmp_path / "metrics.csv").write_text(head + "train,10,1.0,0.5,100\nval,10,1.2,0.9,\ntrain,20,2.0,0.6,200\n")
     assert cv.finished(tmp_path) is None  # stopped after a mid-run validation

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 import pytest
 import torch
 import torch.nn.functional as F
+from testlib import WrongGrad
 from torch import Tensor, nn
 from torch.func import functional_call, jacrev, vmap
 
@@ -271,19 +272,9 @@ def test_finite_differences_agree_with_autograd() -> None:
     assert next(model.parameters()).dtype == torch.float32  # the caller's model is untouched
 
 
-class _WrongGrad(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: object, x: Tensor) -> Tensor:
-        return x * 1.0
-
-    @staticmethod
-    def backward(ctx: object, g: Tensor) -> Tensor:
-        return 1.5 * g
-
-
 def test_finite_differences_catch_a_wrong_backward() -> None:
     torch.manual_seed(10)
     model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3))
-    bad = lambda out, y: F.cross_entropy(_WrongGrad.apply(out), y)
+    bad = lambda out, y: F.cross_entropy(WrongGrad.apply(out), y)
     errors = check_gradients(model, bad, torch.randn(5, 3), torch.randint(0, 3, (5,)), max_per_tensor=4)
     assert min(r.max_rel_err for r in errors.values()) > 0.1

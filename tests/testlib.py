@@ -1,0 +1,51 @@
+"""Small helpers several test files share (imported like ``mpi_helpers``: tests/ is on sys.path)."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+import torch
+from torch import Tensor
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def load_script(name: str) -> ModuleType:
+    """``experiments/<name>.py`` as a module (the experiments are scripts, not part of the package)."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "experiments" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class WrongGrad(torch.autograd.Function):
+    """The identity whose backward is 1.5x too large: a backprop bug the gradient check must catch."""
+
+    @staticmethod
+    def forward(ctx: object, x: Tensor) -> Tensor:
+        return x * 1.0
+
+    @staticmethod
+    def backward(ctx: object, g: Tensor) -> Tensor:
+        return 1.5 * g
+
+
+@contextlib.contextmanager
+def tmpfs(mnt: Path, options: str) -> Iterator[Path]:
+    """A real tmpfs mounted at ``mnt`` with ``options`` (e.g. ``size=8m``, ``ro,size=1m``), unmounted on
+    exit; the calling test is skipped with the reason where mounting is not permitted."""
+    mnt.mkdir(exist_ok=True)
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(mnt)], capture_output=True, text=True)
+    if res.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs ({options}) here: {res.stderr.strip() or res.returncode}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
