@@ -37,7 +37,6 @@ import pytest
 import torch
 from testlib import load_script
 
-REPO = Path(__file__).resolve().parents[1]
 RATIO = 0.75
 SGD_LRS = (1.6, 0.8, 3.2)  # the usual best first: a seed whose best lr breaks the claim stops sooner
 
