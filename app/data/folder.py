@@ -149,7 +149,10 @@ class FolderLoader(PlannedLoader):
                                   num_workers=cfg.workers, collate_fn=_collate,
                                   pin_memory=device.type == "cuda", persistent_workers=cfg.workers > 0,
                                   generator=torch.Generator().manual_seed(seed),
-                                  worker_init_fn=leave_stop_signals_to_the_rank)
+                                  worker_init_fn=leave_stop_signals_to_the_rank,
+                                  # not fork: the rank already runs gloo/NCCL threads, and a child forked
+                                  # while one of them holds a lock can hang forever (a CI run hung once)
+                                  multiprocessing_context="forkserver" if cfg.workers > 0 else None)
 
     def _iterate(self, epoch: int, start_batch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         self._batches.select(epoch, start_batch)
