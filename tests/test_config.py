@@ -83,18 +83,25 @@ def _numeric_keys() -> list[tuple[str, type]]:
         section = typing.get_type_hints(config.Config)[sec.name]
         if dataclasses.is_dataclass(section):
             hints = typing.get_type_hints(section)
-            out += [(f"{sec.name}.{f.name}", hints[f.name]) for f in dataclasses.fields(section)
-                    if hints[f.name] in (int, float)]
+            out += [(f"{sec.name}.{f.name}", float if hints[f.name] == float | config.Schedule else hints[f.name])
+                    for f in dataclasses.fields(section) if hints[f.name] in (int, float, float | config.Schedule)]
     return out
 
 
 @pytest.mark.parametrize("key, tp", _numeric_keys(), ids=[k for k, _ in _numeric_keys()])
 def test_every_number_is_bounded(key: str, tp: type) -> None:
     """No number passes validation only to overflow later (lr=1e300, seed=2**70): every key, present
-    or added later, has an upper and a lower bound, its own or the generic one."""
+    or added later, has an upper and a lower bound, its own or the generic one (a schedule's values too)."""
     for huge in ((2**70, -(2**70)) if tp is int else (1e300, -1e300)):
         with pytest.raises(ConfigError, match=rf"config: {key}=.* is out of range \(must be [<>]=? "):
             config.load(None, [f"{key}={huge}"])
+        if tp is float and key in SCHEDULED:
+            with pytest.raises(ConfigError, match=rf"config: {key}.end=.* is out of range \(must be [<>]=? "):
+                config.load(None, [f"{key}.value={SCHEDULED[key]}", f"{key}.kind=poly", f"{key}.end={huge}"])
+
+
+#: The keys that take a schedule, each with a value inside its bounds.
+SCHEDULED = {"optim.momentum": 0.9, "kfac.damping": 1e-3, "kfac.kl_clip": 1e-3, "kfac.stat_decay": 0.9}
 
 
 def test_yaml_file_shapes_and_duplicates(tmp_path: Path) -> None:

@@ -8,11 +8,12 @@ import pytest
 import torch
 from torch import nn
 
-from app.config import OptimConfig
+from app.config import OptimConfig, Schedule
 from app.optim import (
     LARS,
     LRSchedule,
     build_criterion,
+    build_momentum,
     build_optimizer,
     build_schedule,
     param_groups,
@@ -55,6 +56,18 @@ def test_sgd_nesterov_and_bad_inputs() -> None:
         build_optimizer(_net(), OptimConfig(name="rmsprop"), 1)
     with pytest.raises(ValueError, match="global batch"):
         build_optimizer(_net(), OptimConfig(), 0)
+
+
+def test_momentum_schedule_starts_at_its_value_and_adam_has_none() -> None:
+    cfg = OptimConfig(momentum=Schedule(value=0.8, kind="step", milestones=(1.0,), gamma=0.5, unit="step"))
+    opt = build_optimizer(_net(), cfg, 1)
+    assert opt.defaults["momentum"] == 0.8
+    momentum = build_momentum(opt, cfg, build_schedule(opt, cfg, 1, 4), 1, 4)
+    assert momentum is not None and momentum.set_step(1) == 0.4
+    assert [g["momentum"] for g in opt.param_groups] == [0.4, 0.4]
+    adam = OptimConfig(name="adam")
+    opt = build_optimizer(_net(), adam, 1)
+    assert build_momentum(opt, adam, build_schedule(opt, adam, 1, 4), 1, 4) is None
 
 
 def test_linear_scaling_rule() -> None:
