@@ -247,11 +247,11 @@ class KFAC:
                 if not ok:
                     report[n + i] = 1
                 else:
-                    if self.clock.adaptive:
-                        report[i] = (torch.stack([diff(x, p) for x, p in zip(new, layer.previous)]).max().to(report)
-                                     if layer.previous is not None else math.nan)
-                        layer.previous = new
-                    layer.fold(new, self.cfg.stat_decay)
+                    if self.clock.adaptive:  # against the average this step's statistics update
+                        report[i] = (torch.stack([diff(x, f) for x, f in zip(new, layer.factors)]).max().to(report)
+                                     if layer.factors is not None else math.nan)
+                    assert self._step is not None
+                    layer.fold(new, self.cfg.stat_decay, max(self._step - self.clock.last[i], 1))
                 if inverse_due[i] and layer.factors is not None:
                     fp64 += self._invert(i, report)
                     inverted.add(i)
@@ -430,7 +430,7 @@ class KFAC:
                            interval_max=max(self.clock.intervals, default=0), owned_layers=names, owned_bytes=held)
 
     def state_dict(self) -> dict[str, Any]:
-        """The whole state, placement-independent: factors, previous factors and inverses of every
+        """The whole state, placement-independent: factors and inverses of every
         layer (so a resumed run between inverse refreshes is exact), intervals, owners, counters,
         and every rank's mc label generator.
 
@@ -493,14 +493,13 @@ class KFAC:
 
 def _export(layer: Layer, with_inverse: bool) -> dict[str, Any]:
     """What a layer's owner holds, for a checkpoint or a new owner."""
-    return {"factors": layer.factors, "previous": layer.previous,
+    return {"factors": layer.factors,
             "inverse": layer.inverse_state() if with_inverse and layer.inverse is not None else None}
 
 
 def _import(layer: Layer, entry: dict[str, Any], with_inverse: bool) -> None:
     device = layer.params[0].device
-    layer.factors = _to(entry["factors"], device, layer.dtype)
-    layer.previous = _to(entry.get("previous"), device, layer.dtype)  # absent: no adaptive state
+    layer.factors = _to(entry["factors"], device, layer.dtype)  # an old checkpoint's "previous" is unused
     if with_inverse and entry["inverse"] is not None:
         layer.load_inverse_state(entry["inverse"])
 
@@ -511,6 +510,6 @@ def _to(tensors: list[Tensor] | None, device: torch.device, dtype: torch.dtype) 
 
 
 def _drop(layer: Layer, with_inverse: bool) -> None:
-    layer.factors = layer.previous = None
+    layer.factors = None
     if with_inverse:
         layer.inverse = None
