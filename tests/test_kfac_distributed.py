@@ -75,8 +75,9 @@ def test_exchange_hands_each_owner_exactly_its_averaged_factors() -> None:
         assert sorted(got) == [i for i, o in enumerate(owners) if o == r]
         for i, t in got.items():
             torch.testing.assert_close(t, sum(value(q, i) for q in range(3)) / 3, rtol=0, atol=1e-12)
-        assert sent == count.bytes == total and count.calls == 3  # packed 15 | 10 | 3+6: three buckets
-        assert launched == ([0, 0, 0, 3] if r == 0 else [1, 2, 2, 3])
+        # Packed 15 | 10 | 3+6: three buckets, one reduce per owner in each (1 | 1 | 2 calls).
+        assert sent == count.sent == total and count.calls == 4
+        assert launched == ([0, 0, 0, 4] if r == 0 else [1, 2, 2, 4])
 
 
 def test_exchange_refuses_a_layer_twice_and_results_with_layers_missing() -> None:

@@ -148,7 +148,7 @@ def check_case(comm: Comm, case: Case) -> None:
     layer_sizes = list(sizes(model, cfg.inverse).values())
     factor_bytes = sum(size for due in history for d, (size, _) in zip(due, layer_sizes) if d) * itemsize
     got = counts.get("kfac.factors")
-    expect((got.bytes if got else 0) == factor_bytes,
+    expect((got.sent if got else 0) == factor_bytes,
            f"{case}: factor bytes {got} != packed {factor_bytes}")
     mine = [o == comm.rank for o in kfac.placement.owners]
     if cfg.share == "gradients":
@@ -160,7 +160,7 @@ def check_case(comm: Comm, case: Case) -> None:
                                           for d, m, (_, inv) in zip(due, mine, layer_sizes)
                                           if d and m and step % inverse_every == 0) * case.dtype.itemsize
     if not case.rotate_owners:
-        expect(counts[name].bytes == want, f"{case}: {name} bytes {counts[name].bytes} != packed {want}")
+        expect(counts[name].sent == want, f"{case}: {name} bytes sent {counts[name].sent} != packed {want}")
 
     state = kfac.state_dict()  # collective: the owners' factors gathered on every rank
     for lname, layer in ref_kfac.layers.items():
