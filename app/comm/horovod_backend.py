@@ -61,7 +61,11 @@ class HorovodComm(Comm):
             handle = hvd.reducescatter_async(rows, name=self._name(name), op=_OPS[op],
                                              process_set=self._ps)
             used = Traffic(sent=nbytes(rows), received=longest * item, data=n * item)
-            return (lambda: hvd.synchronize(handle)[0, :n]), used
+
+            def finish_rows() -> Tensor:
+                row = hvd.synchronize(handle)[0]
+                return row if n == longest else row[:n].clone()  # so the padded row can be freed
+            return finish_rows, used
         start = sum(sizes[: self.rank])
         handle = hvd.allreduce_async_(flat, op=_OPS[op], name=self._name(name), process_set=self._ps)
         used = Traffic(sent=nbytes(flat), received=nbytes(flat), data=n * item)
