@@ -94,12 +94,14 @@ class ThreadComm(Comm):
 
     def _allgather(self, t: Tensor, lengths: list[int] | None, name: str) -> Launched[list[Tensor]]:
         values = self.world.exchange(self.rank, t.clone())
+        values[self.rank] = t  # as the torch backend: the own part is the input, not a copy
         used = traffic.allgather([v.shape[0] for v in values], self.rank, row_bytes(t), lengths is not None)
         return (lambda: values), used
 
     def _gather(self, t: Tensor, root: int, lengths: list[int] | None,
                 name: str) -> Launched[list[Tensor] | None]:
         values = self.world.exchange(self.rank, t.clone())
+        values[self.rank] = t
         used = traffic.gather([v.shape[0] for v in values], self.rank, root, row_bytes(t), lengths is not None)
         return (lambda: values if self.rank == root else None), used
 
