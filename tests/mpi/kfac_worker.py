@@ -3,7 +3,7 @@
 Run under mpirun: ``mpirun -np N python tests/mpi/kfac_worker.py --backend torch|horovod``.
 Every rank also runs the single-process reference on the whole batch (deterministic, so alike on
 all ranks) and compares after ``STEPS`` steps: parameters (relative Frobenius error per tensor),
-bitwise agreement of the replicas, intervals, the gathered checkpoint factors, and the byte
+bitwise agreement of the replicas, intervals, the checkpoint factors gathered to rank 0, and the byte
 counters against packed sizes computed here from the module shapes. Mismatches are recorded,
 not raised, so all ranks keep issuing the same collectives; rank 0 ends with ``ALL OK``.
 """
@@ -162,7 +162,11 @@ def check_case(comm: Comm, case: Case) -> None:
     if not case.rotate_owners:
         expect(counts[name].bytes == want, f"{case}: {name} bytes {counts[name].bytes} != packed {want}")
 
-    state = kfac.state_dict()  # collective: the owners' factors gathered on every rank
+    state = kfac.state_dict()  # collective: the owners' factors gathered to rank 0, None elsewhere
+    if comm.rank != 0:
+        expect(state is None, f"{case}: rank {comm.rank} got a checkpoint state")
+        return
+    assert state is not None
     for lname, layer in ref_kfac.layers.items():
         assert layer.factors is not None
         for s, t in zip(state["layers"][lname]["factors"], layer.factors):
