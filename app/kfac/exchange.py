@@ -15,8 +15,8 @@
   soon as its layers' statistics are final, during the step's last backward (``FactorExchange``),
   and every bucket is launched before the first is waited on, so the exchange overlaps the rest of
   backward and the owner folds and inverts bucket k while buckets k+1.. are still in flight.
-* **Objects.** ``gather_objects`` allgathers arbitrary picklable state (checkpoints, layers that
-  change owner); it is for rare events, not the per-step path.
+* **Objects.** ``gather_objects`` sends arbitrary picklable state (checkpoints, layers that
+  change owner) to one rank only; it is for rare events, not the per-step path.
 """
 
 from __future__ import annotations
@@ -213,13 +213,22 @@ class FactorExchange:
                    for i, part in zip(bucket.mine, segment.split(sizes))]
 
 
-def gather_objects(comm: Comm, obj: Any, name: str) -> list[Any]:
-    """Every rank's ``obj`` (tensors, containers, numbers, strings), indexed by rank.
+def gather_objects(comm: Comm, obj: Any, name: str, root: int = 0) -> list[Any] | None:
+    """Every rank's ``obj`` (tensors, containers, numbers, strings) on ``root``, indexed by rank; None
+    on the other ranks.
 
-    Serialised with ``torch.save`` and allgathered as bytes; tensors come back on the CPU.
+    Serialised with ``torch.save`` and sent to the root only (``Comm.gather``: no padding, nothing
+    for the others to hold); tensors come back on the CPU. ``obj=None`` travels as an empty part,
+    which costs no message, and arrives as None.
     """
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    raw = torch.frombuffer(bytearray(buf.getbuffer()), dtype=torch.uint8).to(comm.device)
+    if obj is None:
+        raw = torch.empty(0, dtype=torch.uint8, device=comm.device)
+    else:
+        buf = io.BytesIO()
+        torch.save(obj, buf)
+        raw = torch.frombuffer(bytearray(buf.getbuffer()), dtype=torch.uint8).to(comm.device)
+    parts = comm.gather(raw, root, name=name)
+    if parts is None:
+        return None
     return [torch.load(io.BytesIO(part.cpu().numpy().tobytes()), map_location="cpu", weights_only=True)
-            for part in comm.allgather(raw, name=name)]
+            if part.numel() else None for part in parts]

@@ -3,7 +3,7 @@
 Run under mpirun: ``mpirun -np N python tests/mpi/kfac_worker.py --backend torch|horovod``.
 Every rank also runs the single-process reference on the whole batch (deterministic, so alike on
 all ranks) and compares after ``STEPS`` steps: parameters (relative Frobenius error per tensor),
-bitwise agreement of the replicas, intervals, the gathered checkpoint factors, and the byte
+bitwise agreement of the replicas, intervals, the checkpoint factors gathered to rank 0, and the byte
 counters against packed sizes computed here from the module shapes. Mismatches are recorded,
 not raised, so all ranks keep issuing the same collectives; rank 0 ends with ``ALL OK``.
 """
@@ -169,7 +169,11 @@ def check_case(comm: Comm, case: Case) -> None:
         expect(c.data == others and lengths % 8 == 0 and c.received - c.data == comm.size * lengths,
                f"{case}: {name} {c} != packed {want} sent, {others} received (+ lengths)")
 
-    state = kfac.state_dict()  # collective: the owners' factors gathered on every rank
+    state = kfac.state_dict()  # collective: the owners' factors gathered to rank 0, None elsewhere
+    if comm.rank != 0:
+        expect(state is None, f"{case}: rank {comm.rank} got a checkpoint state")
+        return
+    assert state is not None
     for lname, layer in ref_kfac.layers.items():
         assert layer.factors is not None
         for s, t in zip(state["layers"][lname]["factors"], layer.factors):
