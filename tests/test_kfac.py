@@ -222,7 +222,7 @@ def test_data_parallel_equals_one_rank_on_the_global_batch() -> None:
 
     models = [copy.deepcopy(base) for _ in range(2)]
 
-    def rank(comm: ThreadComm) -> dict[str, object]:
+    def rank(comm: ThreadComm) -> dict[str, object] | None:
         r = comm.rank
         m, k = models[r], KFAC(models[r], cfg, comm)
         m.zero_grad(set_to_none=True)
@@ -233,13 +233,13 @@ def test_data_parallel_equals_one_rank_on_the_global_batch() -> None:
         for p in m.parameters():  # the trainer's data-parallel gradient averaging
             comm.allreduce(p.grad)
         k.step(0.1)
-        return k.state_dict()  # collective: gathers each owner's factors
+        return k.state_dict()  # collective: gathers each owner's factors to rank 0
 
-    states = ThreadWorld(2).run(rank)
-    for state in states:
-        gathered = KFAC(copy.deepcopy(base), cfg)
-        gathered.load_state_dict(state)
-        assert_factors_close(gathered, k1)
+    state, other = ThreadWorld(2).run(rank)
+    assert state is not None and other is None
+    gathered = KFAC(copy.deepcopy(base), cfg)
+    gathered.load_state_dict(state)
+    assert_factors_close(gathered, k1)
     for m in models:
         for p, q in zip(m.parameters(), single.parameters()):
             torch.testing.assert_close(p.grad, q.grad)

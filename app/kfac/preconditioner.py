@@ -54,7 +54,7 @@ class KFAC:
       non-finite flags and per-layer retry counts, so intervals, counters and stops agree on every rank;
       (5) ``share=inverses``: the refreshed inverses are allgathered and every rank preconditions
       the rest; ``share=gradients``: owners precondition their layers and the results are
-      allgathered, every step. Only owners hold the running factors; ``state_dict`` gathers them.
+      allgathered, every step. Only owners hold the running factors; ``state_dict`` gathers them to rank 0.
     * **Failures.** A layer whose new factors contain NaN/Inf keeps its previous factors and
       inverse for the step (plain gradient if it has none), counted in ``kfac_nan_skips``. Cholesky
       failures retry in float64, then with 10x damping, counted. Non-finite factors and damping
@@ -378,20 +378,28 @@ class KFAC:
 
     # -- placement -----------------------------------------------------------------------------
     def _rebalance(self) -> None:
-        """Re-place the layers when the new intervals unbalance the owners (``Placement.update``)."""
+        """Re-place the layers when the new intervals unbalance the owners (``Placement.update``).
+
+        A moved layer's state goes to its new owner only: one ``gather_objects`` per receiving rank
+        (in rank order), to which only the layers' old owners send. Per rank and re-placement: sent =
+        the state of the layers it gives up, received = the state of the layers it takes on, plus 8
+        bytes of length per receiving rank (sent) and 8 x ranks (received, once); an allgather
+        would hand every rank the state of every moved layer (all of K-FAC's state when all move).
+        """
         old = self.placement.update(self._costs())
         if old is None:
             return
         assert self.comm is not None  # one rank never re-places
         new = self.placement.owners
         with_inverse = self.cfg.share == "gradients"  # with share=inverses every rank has them
-        outgoing = {i: _export(self._layers[i], with_inverse)
-                    for i in range(len(self._layers)) if old[i] == self._rank != new[i]}
-        for i in outgoing:
-            _drop(self._layers[i], with_inverse)
-        for part in gather_objects(self.comm, outgoing, name="kfac.rebalance"):
-            for i, entry in part.items():
-                if new[i] == self._rank:
+        moved = [i for i in range(len(self._layers)) if old[i] != new[i]]
+        for dest in sorted({new[i] for i in moved}):  # the same order on every rank
+            outgoing = {i: _export(self._layers[i], with_inverse) for i in moved
+                        if new[i] == dest and old[i] == self._rank}
+            for i in outgoing:
+                _drop(self._layers[i], with_inverse)
+            for part in gather_objects(self.comm, outgoing or None, name="kfac.rebalance", root=dest) or []:
+                for i, entry in (part or {}).items():
                     _import(self._layers[i], entry, with_inverse)
         self._counters["kfac_rebalances"] = self.placement.rebalances
 
@@ -429,21 +437,24 @@ class KFAC:
                            interval_mean=sum(self.clock.intervals) / max(len(self._layers), 1),
                            interval_max=max(self.clock.intervals, default=0), owned_layers=names, owned_bytes=held)
 
-    def state_dict(self) -> dict[str, Any]:
+    def state_dict(self) -> dict[str, Any] | None:
         """The whole state, placement-independent: factors and inverses of every
         layer (so a resumed run between inverse refreshes is exact), intervals, owners, counters,
         and every rank's mc label generator.
 
-        Collective with a communicator: every rank must call it, and every rank gets the whole
-        state (the owners' layers and the generators are allgathered, on the CPU).
+        Collective with a communicator: every rank must call it; the owners' layers and the
+        generators are gathered to rank 0 only (on the CPU), which gets the whole state, and the
+        other ranks get None. Only rank 0 writes checkpoints: handing every rank the whole state
+        would cost each as much memory and traffic as the writer.
         """
         owned = {layer.name: _export(layer, with_inverse=True)
                  for i, layer in enumerate(self._layers) if self._mine(i)}
         samplers = [self._sampler.get_state()]
         if self.comm is not None:
             parts = gather_objects(self.comm, (owned, samplers[0]), name="kfac.checkpoint")
-            for layers, _ in parts:
-                owned.update(layers)
+            if parts is None:
+                return None
+            owned = {name: entry for layers, _ in parts for name, entry in layers.items()}
             samplers = [sampler for _, sampler in parts]
         return {
             "counters": dict(self._counters),
