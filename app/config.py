@@ -27,6 +27,66 @@ INT_LIMIT = 2**31 - 1
 FLOAT_LIMIT = 1e6
 
 
+#: Schedule kinds and the keys each reads besides ``kind`` and ``value``: any other key given is a typo.
+SCHEDULE_KEYS: dict[str, tuple[str, ...]] = {
+    "constant": (),
+    "step": ("milestones", "gamma", "unit"),
+    "poly": ("end", "power", "unit", "start", "stop"),
+    "exp": ("end", "unit", "start", "stop"),
+}
+SCHEDULE_UNITS = ("epoch", "step")
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """A hyper-parameter as a pure function of the optimiser step, so a resumed run continues on exactly
+    the values of an uninterrupted one from the step index alone (no state to checkpoint).
+
+    ``constant``: ``value``. ``step``: ``value * gamma**k`` after the k-th of ``milestones`` (each at
+    step ``round(m * steps_per_epoch)`` for ``unit: epoch``, as ``optim.milestones``). ``poly``:
+    ``end + (value - end) * (1 - p)**power`` and ``exp``: ``value * (end / value)**p`` (geometric), with
+    ``p`` the progress from ``start`` to ``stop`` (default: 0 and the end of training), clamped to [0, 1].
+    ``None`` means not given: the default (``gamma`` 0.1, ``power`` 1, ``unit`` epoch) applies, and a
+    key a kind does not read is refused only when given.
+    """
+
+    value: float
+    kind: str = "constant"
+    end: float | None = None
+    power: float | None = None
+    milestones: tuple[float, ...] | None = None
+    gamma: float | None = None
+    unit: str | None = None
+    start: float | None = None
+    stop: float | None = None
+
+    def at(self, step: int, steps_per_epoch: int, total_steps: int) -> float:
+        """The value in force at optimiser step ``step`` (0-based) of a run of ``total_steps``."""
+        if self.kind == "constant":
+            return self.value
+        scale = 1 if self.unit == "step" else steps_per_epoch
+        if self.kind == "step":
+            passed = sum(step >= round(m * scale) for m in self.milestones or ())
+            return self.value * (0.1 if self.gamma is None else self.gamma) ** passed
+        first = (self.start or 0.0) * scale
+        last = float(total_steps) if self.stop is None else self.stop * scale
+        progress = min(1.0, max(0.0, (step - first) / (last - first))) if last > first else 1.0
+        end = self.value if self.end is None else self.end  # validation makes end given for poly/exp
+        if self.kind == "poly":
+            return end + (self.value - end) * (1.0 - progress) ** (1.0 if self.power is None else self.power)
+        return self.value * (end / self.value) ** progress
+
+
+def value_at(setting: float | Schedule, step: int, steps_per_epoch: int, total_steps: int) -> float:
+    """A number or a schedule's value at ``step``: what K-FAC and the optimiser read each step."""
+    return setting.at(step, steps_per_epoch, total_steps) if isinstance(setting, Schedule) else setting
+
+
+def first_value(setting: float | Schedule) -> float:
+    """The number, or the schedule's ``value``: for constructors, before any step sets the value in force."""
+    return setting.value if isinstance(setting, Schedule) else setting
+
+
 def _f(default: Any, help: str, *, choices: tuple[Any, ...] | None = None,
        ge: float | None = None, gt: float | None = None, le: float | None = None,
        lt: float | None = None) -> Any:
@@ -84,7 +144,11 @@ class OptimConfig:
                    "useful peaks are below 50)", gt=0.0, le=1e3)
     base_batch: int = _f(0, "linear scaling rule: lr is multiplied by global_batch/base_batch; "
                          "0 = use lr as given", ge=0)
-    momentum: float = _f(0.9, "momentum (SGD, LARS)", ge=0.0, lt=1.0)
+    momentum: float | Schedule = _f(0.9, "momentum (SGD, LARS; Adam's is betas[0]); a number or a schedule",
+                                    ge=0.0, lt=1.0)
+    momentum_follows_lr: bool = _f(False, "multiply the momentum by lr(step)/lr(step-1) on the steps where the "
+                                   "lr falls (chainerkfac's adjust_momentum): the velocity then decays with the lr "
+                                   "instead of carrying old, larger steps (SGD, LARS)")
     nesterov: bool = _f(False, "Nesterov momentum (SGD)")
     weight_decay: float = _f(5e-5, "L2 weight decay; never applied to BN parameters or biases", ge=0.0, le=1.0)
     betas: list[float] = _f([0.9, 0.999], "Adam betas")
@@ -105,19 +169,22 @@ class OptimConfig:
 class KFACConfig:
     fisher: str = _f("emp", "label source of G: emp (true labels), mc (one sampled label), "
                      "exact (all classes)", choices=("emp", "mc", "exact"))
-    damping: float = _f(1e-3, "Tikhonov damping lambda (split over A and G with the pi correction); kept at "
+    damping: float | Schedule = _f(1e-3, "Tikhonov damping lambda (split over A and G with the pi correction); kept at "
                         "1e-3 because kl_clip bounds the steps, and 1e-2 to 1e-1 did not make per-rank batch 1 "
-                        "train any better", gt=0.0)
-    stat_decay: float = _f(0.95, "running-average decay of the factors", ge=0.0, lt=1.0)
+                        "train any better; a schedule's value at an inverse refresh is the one that inverse keeps "
+                        "until the next refresh", gt=0.0)
+    stat_decay: float | Schedule = _f(0.95, "running-average decay of the factors (0 = each refresh uses only "
+                                      "its own step's statistics)", ge=0.0, lt=1.0)
     factor_interval: int = _f(1, "steps between factor updates", gt=0)
     inverse_interval: int = _f(1, "steps between inverse updates", gt=0)
     inverse: str = _f("cholesky", "factor inversion method", choices=("cholesky", "eigen"))
     eigen_damping: str = _f("factored", "eigen mode: factored (same damped factors as cholesky) or kron "
                             "((G (x) A + lambda I)^-1, no pi correction)", choices=("factored", "kron"))
-    kl_clip: float = _f(1e-3, "KL-clipping: the preconditioned update is scaled down so that lr^2 g^T F^-1 g <= "
-                        "this; 0 = off. The default (SP-NGD's and kfac-pytorch's) bounds every step, and so "
-                        "what a Fisher estimated from a small batch makes of its weak directions: without it "
-                        "configs/smoke.yaml diverged (loss 2.3 -> 24)", ge=0.0)
+    kl_clip: float | Schedule = _f(1e-3, "KL-clipping: the preconditioned update is scaled down so that lr^2 "
+                                   "g^T F^-1 g <= this; 0 = off. The default (kfac-pytorch's; SP-NGD's code has no "
+                                   "KL clip and rescales the weights instead) bounds every step, and so what a Fisher "
+                                   "estimated from a small batch makes of its weak directions: without it "
+                                   "configs/smoke.yaml diverged (loss 2.3 -> 24)", ge=0.0)
     skip: list[str] = _f([], "fnmatch patterns of module names left to the plain gradient")
     batchnorm: bool = _f(True, "precondition BatchNorm with unit-wise 2x2 Fisher blocks")
     adaptive_lambda: float = _f(0.0, "adaptive intervals (Algorithm 1): a layer's refresh interval grows by 1 "
@@ -194,7 +261,13 @@ class Config:
     name: str = "run"
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Plain data (YAML, checkpoints); a schedule becomes the mapping of the keys it was given."""
+        return dataclasses.asdict(self, dict_factory=_plain)
+
+
+def _plain(items: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``asdict``'s dict factory: drops a schedule's keys not given (None), makes its milestones a list."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in items if v is not None}
 
 
 def _type_name(tp: Any) -> str:
@@ -284,9 +357,71 @@ def _apply(obj: Any, path: str, data: dict[str, Any]) -> None:
         if dataclasses.is_dataclass(tp):
             _apply(getattr(obj, key), full, value)
             continue
+        if tp == float | Schedule:
+            setattr(obj, key, _schedule(full, value, getattr(obj, key), fields[key].metadata))
+            continue
         coerced = _coerce(full, value, tp)
         _check_range(full, coerced, fields[key].metadata)
         setattr(obj, key, coerced)
+
+
+def _schedule(key: str, value: Any, current: float | Schedule, meta: typing.Mapping[str, Any]) -> float | Schedule:
+    """A number, or a schedule mapping; a mapping given over a schedule (``--set kfac.damping.end=1e-4``)
+    changes only its keys. Types are checked here, what the kind needs at the end (``_check_schedule``),
+    so several ``--set``s may build one schedule key by key."""
+    if not isinstance(value, dict):
+        number = _coerce(key, value, float)
+        _check_range(key, number, meta)
+        return number
+    fields = [f.name for f in dataclasses.fields(Schedule)]
+    unknown = sorted(str(k) for k in value if k not in fields)
+    if unknown:
+        raise ConfigError(f"config: unknown key '{key}.{unknown[0]}' (known: {', '.join(sorted(fields))})")
+    if not isinstance(current, Schedule) and "value" not in value:
+        raise ConfigError(f"config: {key} has no value (a schedule is {{kind: {'|'.join(SCHEDULE_KEYS)}, "
+                          f"value: <number>, ...}})")
+    given = {} if not isinstance(current, Schedule) else {
+        f: getattr(current, f) for f in fields if getattr(current, f) is not None}
+    for name, raw in value.items():
+        full = f"{key}.{name}"
+        if name == "milestones":
+            given[name] = tuple(_coerce(full, raw, list[float]))
+        elif name in ("kind", "unit"):
+            given[name] = _coerce(full, raw, str)
+            _check_range(full, given[name], {"choices": tuple(SCHEDULE_KEYS) if name == "kind" else SCHEDULE_UNITS})
+        else:
+            given[name] = _coerce(full, raw, float)
+    return Schedule(**given)
+
+
+def _check_schedule(key: str, s: Schedule, meta: typing.Mapping[str, Any]) -> None:
+    """What ``s``'s kind needs, and every value it can take within the key's own bounds."""
+    reads = SCHEDULE_KEYS[s.kind]
+    for name in ("end", "power", "milestones", "gamma", "unit", "start", "stop"):
+        if getattr(s, name) is not None and name not in reads:
+            raise ConfigError(f"config: {key}.{name} is not used by {key}.kind={s.kind} (it reads value"
+                              f"{''.join(', ' + r for r in reads)})")
+    if s.kind in ("poly", "exp") and s.end is None:
+        raise ConfigError(f"config: {key}.end is missing ({key}.kind={s.kind} decays from value to end)")
+    if s.kind == "step" and not s.milestones:
+        raise ConfigError(f"config: {key}.milestones is missing ({key}.kind=step multiplies value by gamma at each)")
+    if s.milestones and any(b <= a for a, b in zip(s.milestones, s.milestones[1:])):
+        raise ConfigError(f"config: {key}.milestones={list(s.milestones)} must be increasing")
+    for name, bounds in (("milestones", {"ge": 0.0}), ("start", {"ge": 0.0}), ("stop", {"gt": 0.0}),
+                         ("power", {"gt": 0.0}), ("gamma", {"gt": 0.0})):
+        if getattr(s, name) is not None:
+            _check_range(f"{key}.{name}", list(s.milestones or ()) if name == "milestones" else getattr(s, name),
+                         bounds)
+    if s.stop is not None and s.stop <= (s.start or 0.0):
+        raise ConfigError(f"config: {key}.stop={s.stop} must be > {key}.start={s.start or 0.0}")
+    if s.kind == "exp" and (s.value <= 0 or (s.end or 0.0) <= 0):
+        raise ConfigError(f"config: {key}.kind=exp decays geometrically: value={s.value} and end={s.end} "
+                          f"must be > 0")
+    values = [("value", s.value)] + ([("end", s.end)] if s.end is not None else [])
+    gamma = 0.1 if s.gamma is None else s.gamma
+    values += [(f"value*gamma^{k}", s.value * gamma ** k) for k in range(1, len(s.milestones or ()) + 1)]
+    for name, v in values:
+        _check_range(f"{key}.{name}", v, meta)
 
 
 def _override(text: str) -> dict[str, Any]:
@@ -384,7 +519,16 @@ def load(path: str | Path | None, overrides: typing.Sequence[str] = ()) -> Confi
 
 
 def _check_consistency(cfg: Config) -> None:
-    """Rules that involve more than one key."""
+    """Rules that involve more than one key, and every schedule as a whole."""
+    for sec in dataclasses.fields(cfg):
+        section = getattr(cfg, sec.name)
+        for f in dataclasses.fields(section) if dataclasses.is_dataclass(section) else ():
+            if isinstance(getattr(section, f.name), Schedule):
+                _check_schedule(f"{sec.name}.{f.name}", getattr(section, f.name), f.metadata)
+    if cfg.optim.name in ("adam", "adamw") and (isinstance(cfg.optim.momentum, Schedule)
+                                                 or cfg.optim.momentum_follows_lr):
+        raise ConfigError(f"config: optim.name={cfg.optim.name} has no momentum to schedule (its first-moment "
+                          f"decay is optim.betas[0]); remove the optim.momentum schedule / optim.momentum_follows_lr")
     if len(cfg.optim.betas) != 2 or not all(0.0 <= b < 1.0 for b in cfg.optim.betas):
         raise ConfigError(f"config: optim.betas={cfg.optim.betas} must be two numbers in [0, 1)")
     if cfg.kfac.inverse_interval % cfg.kfac.factor_interval != 0:
@@ -446,9 +590,12 @@ def describe() -> list[tuple[str, Any, str]]:
         section = getattr(Config(), sec.name)
         if not dataclasses.is_dataclass(section):
             continue
+        hints = typing.get_type_hints(type(section))
         for f in dataclasses.fields(section):
             meta = f.metadata
             extra = f" [{'|'.join(map(str, meta['choices']))}]" if meta.get("choices") else ""
+            if hints[f.name] == float | Schedule:
+                extra = f" [takes a schedule: {{kind: {'|'.join(SCHEDULE_KEYS)}, value: ...}}]"
             rows.append((f"{sec.name}.{f.name}", getattr(section, f.name), meta.get("help", "") + extra))
     return rows
 

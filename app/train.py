@@ -28,7 +28,7 @@ from app.errors import CheckpointError, Diverged
 from app.launch import World
 from app.metrics import Metrics, Summary
 from app.models import build_model
-from app.optim import build_criterion, build_optimizer, build_schedule
+from app.optim import build_criterion, build_momentum, build_optimizer, build_schedule
 from app.storage import full_disk_as_error
 
 log = logging.getLogger(__name__)
@@ -159,10 +159,13 @@ class Trainer:
             self.total_steps = min(self.total_steps, cfg.train.max_steps)
         self.optimizer = build_optimizer(self.model, cfg.optim, self.global_batch)
         self.schedule = build_schedule(self.optimizer, cfg.optim, self.steps_per_epoch, self.total_steps)
+        self.momentum = build_momentum(self.optimizer, cfg.optim, self.schedule, self.steps_per_epoch,
+                                       self.total_steps)
         self.kfac = None
         if cfg.optim.preconditioner == "kfac":
             from app.kfac import KFAC
-            self.kfac = KFAC(self.model, cfg.kfac, comm if comm.size > 1 else None, seed=cfg.train.seed)
+            self.kfac = KFAC(self.model, cfg.kfac, comm if comm.size > 1 else None, seed=cfg.train.seed,
+                             steps_per_epoch=self.steps_per_epoch, total_steps=self.total_steps)
         self.averager = GradientAverager(self.model, comm, bucket_mb=cfg.comm.bucket_mb)
         self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.precision == "fp16")
         # Per-rank global stream, checkpointed, for model code that draws from it (dropout); the loaders
@@ -257,6 +260,8 @@ class Trainer:
     def _train_step(self, group: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
         step = self.pos.step
         lr = self.schedule.set_step(step)
+        if self.momentum is not None:
+            self.momentum.set_step(step)
         if self.kfac is not None:
             self.kfac.begin_step(step, micro_batches=len(group), loss_scale=loss_scale(self.scaler))
         loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
@@ -334,7 +339,8 @@ class Trainer:
             self._resume(ckpt)
         metrics = None
         if comm.rank == 0:
-            extra = tuple(self.kfac.stats) if self.kfac is not None else ()
+            extra = (("momentum",) if self.momentum is not None else ()) + (
+                tuple(self.kfac.stats) if self.kfac is not None else ())
             bar = {"bar": True, "lines": False}.get(cfg.output.progress,
                                                    self.world.launcher == "single" and sys.stdout.isatty())
             metrics = Metrics(run_dir, self.total_steps, tensorboard=cfg.output.tensorboard, bar=bar,
@@ -371,6 +377,8 @@ class Trainer:
                                "lr": self.optimizer.param_groups[0]["lr"], "img_per_s": window_imgs / elapsed,
                                "data_s": data_s, "step_s": elapsed / n_logged,
                                "skipped_images": self.skipped_images["train"]}
+                        if self.momentum is not None:
+                            row["momentum"] = self.optimizer.param_groups[0]["momentum"]
                         if self.kfac is not None:
                             row.update(self.kfac.stats)
                         metrics.log(row)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import math
@@ -13,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from app.comm.base import Comm, Handle
-from app.config import KFACConfig
+from app.config import KFACConfig, Schedule, value_at
 from app.errors import Diverged
 from app.kfac.capture import Capture
 from app.kfac.exchange import FactorExchange, gather_objects, pack, packed_numel, unpack
@@ -66,8 +67,12 @@ class KFAC:
       run samples exactly the labels the uninterrupted one did.
     """
 
-    def __init__(self, model: nn.Module, cfg: KFACConfig, comm: Comm | None = None, seed: int = 0) -> None:
+    def __init__(self, model: nn.Module, cfg: KFACConfig, comm: Comm | None = None, seed: int = 0, *,
+                 steps_per_epoch: int = 1, total_steps: int = 1) -> None:
         self.cfg = cfg
+        # where kfac.damping/kl_clip/stat_decay schedules place their epochs and their end of training
+        self._horizon = (steps_per_epoch, total_steps)
+        self._hyper(0)
         # K-FAC's collectives launch from their own hooks: on their own channel they cannot be paired
         # with the gradient buckets of another rank whose hooks fired in another order.
         self.comm = comm.duplicate() if comm is not None else None
@@ -121,6 +126,7 @@ class KFAC:
         if micro_batches < 1:
             raise ValueError(f"K-FAC: begin_step(micro_batches={micro_batches}) must be >= 1")
         self._step = step
+        self._hyper(step)
         self._due = self.clock.factors_due(step)
         self._passes_left = micro_batches
         self._loss_scale = loss_scale
@@ -134,6 +140,14 @@ class KFAC:
             self.comm, [(i, owners[i], self._layers[i].factor_slots, self._layers[i].dtype)
                         for i in reversed(range(len(self._layers))) if self._due[i]],
             int(self.cfg.bucket_mb * 2 ** 20), self._wire)
+
+    def _hyper(self, step: int) -> None:
+        """The damping, KL clip and running-average decay in force at ``step`` (each ``kfac`` key may be a
+        schedule): pure functions of the step, so a resumed run continues on the same values. An inverse
+        keeps the damping of its refresh step until the next refresh."""
+        spe, total = self._horizon
+        self.damping, self.kl_clip, self.stat_decay = (value_at(x, step, spe, total) for x in
+                                                       (self.cfg.damping, self.cfg.kl_clip, self.cfg.stat_decay))
 
     def fisher_backward(self, out: Tensor) -> None:
         """Once per micro-batch, after its forward and before its backward.
@@ -251,7 +265,7 @@ class KFAC:
                         report[i] = (torch.stack([diff(x, f) for x, f in zip(new, layer.factors)]).max().to(report)
                                      if layer.factors is not None else math.nan)
                     assert self._step is not None
-                    layer.fold(new, self.cfg.stat_decay, max(self._step - self.clock.last[i], 1))
+                    layer.fold(new, self.stat_decay, max(self._step - self.clock.last[i], 1))
                 if inverse_due[i] and layer.factors is not None:
                     fp64 += self._invert(i, report)
                     inverted.add(i)
@@ -263,7 +277,7 @@ class KFAC:
 
     def _invert(self, i: int, report: Tensor) -> int:
         """Invert layer i, noting its damping retries in ``report``; returns its float64 retries."""
-        retries = self._layers[i].invert(self.cfg.damping, self.cfg.inverse, self.cfg.eigen_damping)
+        retries = self._layers[i].invert(self.damping, self.cfg.inverse, self.cfg.eigen_damping)
         report[2 * len(self._layers) + i] = retries.damping
         return retries.fp64
 
@@ -368,9 +382,9 @@ class KFAC:
             return
         pairs = [(g, u) for i in order for g, u in zip(grads[i], updates[i])]
         scale: Tensor | float = 1.0
-        if self.cfg.kl_clip > 0:
+        if self.kl_clip > 0:
             vg = torch.stack([(u * g.to(u.dtype)).sum() for g, u in pairs]).sum()
-            bound = torch.sqrt(self.cfg.kl_clip / (lr ** 2 * vg.clamp(min=torch.finfo(vg.dtype).tiny)))
+            bound = torch.sqrt(self.kl_clip / (lr ** 2 * vg.clamp(min=torch.finfo(vg.dtype).tiny)))
             scale = bound.clamp(max=1.0)
         self._kl_scale = scale
         for g, u in pairs:
@@ -416,10 +430,12 @@ class KFAC:
         step / run), ``kfac_bytes_every_step_total`` what refreshing every layer every step would have
         handed; ``kfac_layer_refreshes``: layer refreshes over the run; ``kfac_share_bytes_total``:
         inverse or gradient allgather bytes; ``kfac_diff_max``: the largest latest Diff over the layers
-        (0 before any); ``kfac_owner_imbalance``: max/mean of the owners' expected cost.
+        (0 before any); ``kfac_owner_imbalance``: max/mean of the owners' expected cost;
+        ``kfac_damping``/``_kl_clip``/``_stat_decay``: the values in force at the last step (schedules).
         """
         intervals = self.clock.intervals or [0]
-        return {**self._counters, "kfac_kl_scale": float(self._kl_scale),
+        return {**self._counters, "kfac_kl_scale": float(self._kl_scale), "kfac_damping": self.damping,
+                "kfac_kl_clip": self.kl_clip, "kfac_stat_decay": self.stat_decay,
                 "kfac_interval_mean": sum(intervals) / len(intervals), "kfac_interval_max": max(intervals),
                 "kfac_diff_max": self.clock.diff_max,
                 "kfac_owner_imbalance": imbalance(loads(self._costs(), self.placement.owners, self._size))}
@@ -460,7 +476,7 @@ class KFAC:
             "counters": dict(self._counters),
             "bad_refreshes": list(self._bad),
             "kl_scale": float(self._kl_scale),
-            "inverse_method": [self.cfg.inverse, self.cfg.eigen_damping, self.cfg.damping],
+            "inverse_method": self._inverse_method(),
             "clock": self.clock.state_dict(),
             "owners": list(self.placement.owners),
             "ranks": self._size,
@@ -477,7 +493,7 @@ class KFAC:
             raise ValueError(f"K-FAC: checkpoint layers differ from the model's (only in checkpoint: "
                              f"{sorted(saved - ours)}, only in model: {sorted(ours - saved)}); "
                              f"was kfac.skip or kfac.batchnorm changed?")
-        same_method = list(state["inverse_method"]) == [self.cfg.inverse, self.cfg.eigen_damping, self.cfg.damping]
+        same_method = list(state["inverse_method"]) == self._inverse_method()
         entries = [state["layers"][layer.name] for layer in self._layers]
         has_inverse = [same_method and e["inverse"] is not None for e in entries]
         self.clock.load_state_dict(state["clock"], [e["factors"] is not None for e in entries], has_inverse)
@@ -496,6 +512,13 @@ class KFAC:
                 _import(layer, entry, with_inverse=has_inverse[i])
             elif has_inverse[i] and self.cfg.share == "inverses":
                 layer.load_inverse_state(entry["inverse"])
+
+    def _inverse_method(self) -> list[Any]:
+        """What made the inverses: the method and the damping setting, a schedule as its mapping. The
+        setting, not the value in force: under an unchanged schedule the checkpoint's inverses are those an
+        uninterrupted run holds (each made with its refresh step's damping); a changed one recomputes them."""
+        d = self.cfg.damping
+        return [self.cfg.inverse, self.cfg.eigen_damping, dataclasses.asdict(d) if isinstance(d, Schedule) else d]
 
     def close(self) -> None:
         """Remove the hooks from the model."""

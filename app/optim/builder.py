@@ -7,8 +7,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from app.config import OptimConfig
+from app.config import OptimConfig, first_value
 from app.optim.lars import LARS
+from app.optim.momentum import MomentumSchedule
 from app.optim.schedule import LRSchedule
 
 
@@ -42,17 +43,19 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, global_batch: int) -> to
     """The configured optimiser at the (scaled) peak lr; the schedule then owns ``lr``.
 
     Nothing here assumes one backward per step: gradients accumulated over micro-batches are
-    consumed as they are.
+    consumed as they are. A momentum schedule starts at its ``value``; ``build_momentum`` then owns
+    ``momentum``.
     """
-    if cfg.nesterov and (cfg.name != "sgd" or cfg.momentum == 0.0):
+    momentum = first_value(cfg.momentum)
+    if cfg.nesterov and (cfg.name != "sgd" or momentum == 0.0):
         raise ValueError(f"optim: nesterov needs name=sgd and momentum > 0 (got {cfg.name}, "
-                         f"momentum={cfg.momentum})")
+                         f"momentum={momentum})")
     lr = peak_lr(cfg, global_batch)
     groups = param_groups(model, cfg.weight_decay)
     if cfg.name == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=cfg.nesterov)
     if cfg.name == "lars":
-        return LARS(groups, lr=lr, momentum=cfg.momentum, eta=cfg.lars_eta)
+        return LARS(groups, lr=lr, momentum=momentum, eta=cfg.lars_eta)
     if cfg.name in ("adam", "adamw"):
         adam = torch.optim.Adam if cfg.name == "adam" else torch.optim.AdamW
         beta1, beta2 = cfg.betas
@@ -69,6 +72,16 @@ def build_schedule(optimizer: torch.optim.Optimizer, cfg: OptimConfig, steps_per
                       warmup_steps=round(cfg.warmup_epochs * steps_per_epoch), total_steps=total_steps,
                       milestones=[round(m * steps_per_epoch) for m in cfg.milestones],
                       gamma=cfg.gamma, power=cfg.power, end_lr=cfg.end_lr)
+
+
+def build_momentum(optimizer: torch.optim.Optimizer, cfg: OptimConfig, lr: LRSchedule, steps_per_epoch: int,
+                   total_steps: int) -> MomentumSchedule | None:
+    """The per-step momentum of SGD and LARS; None for Adam(W), which has none (config refuses a momentum
+    schedule there)."""
+    if cfg.name in ("adam", "adamw"):
+        return None
+    return MomentumSchedule(optimizer, cfg.momentum, steps_per_epoch, total_steps,
+                            lr if cfg.momentum_follows_lr else None)
 
 
 def build_criterion(cfg: OptimConfig) -> nn.Module:
