@@ -185,7 +185,7 @@ def test_resume_on_another_world_size_continues_the_run(case: str, before: int, 
 
 def test_replacement_moves_each_layer_to_its_new_owner_only() -> None:
     """A forced re-placement at 3 ranks (rank 1's layers to rank 2): rank 2 gets exactly the state rank 1
-    held (factors, previous factors, inverse), rank 1 drops it, rank 0 is untouched."""
+    held (factors, inverse), rank 1 drops it, rank 0 is untouched."""
     cfg = KFACConfig(share="gradients", adaptive_lambda=0.4, damping=0.05)
 
     def rank(comm: ThreadComm) -> tuple[dict[str, list[Tensor]], dict[str, list[Tensor]], list[int], list[int]]:
@@ -197,7 +197,7 @@ def test_replacement_moves_each_layer_to_its_new_owner_only() -> None:
                 10 * step + comm.rank), dtype=torch.float64), torch.arange(BATCH // 3) % 4)])
 
         def snapshot() -> dict[str, list[Tensor]]:
-            """Per layer held here: its factors, previous factors and inverse tensors."""
+            """Per layer held here: its factors and inverse tensors."""
             out = {}
             for name, layer in kfac.layers.items():
                 if layer.factors is None and layer.inverse is None:
@@ -207,7 +207,7 @@ def test_replacement_moves_each_layer_to_its_new_owner_only() -> None:
                     inverse = [v for _, v in sorted(inverse.items()) if isinstance(v, Tensor)]
                 elif isinstance(inverse, Tensor):
                     inverse = [inverse]
-                out[name] = [t.clone() for t in [*(layer.factors or []), *(layer.previous or []), *inverse]]
+                out[name] = [t.clone() for t in [*(layer.factors or []), *inverse]]
             return out
         before, old = snapshot(), list(kfac.placement.owners)
         new = [2 if o == 1 else o for o in old]
