@@ -200,6 +200,31 @@ def test_factors_leave_during_the_last_micro_batch(fisher: str) -> None:
         assert seen == [(0, 0), last, (layers, layers)]
 
 
+
+@pytest.mark.parametrize("share", ["inverses", "gradients"])
+def test_stats_report_what_the_kfac_collectives_really_moved(share: str) -> None:
+    """metrics.csv's kfac_comm_* fields are the communicator's counters of the K-FAC call sites: after a
+    refresh step every rank received data (the other owner's factors and share), and received - data is
+    only the exchanged lengths (8 bytes a rank per length exchange), never padding."""
+    base = net()
+
+    def rank(comm: ThreadComm) -> tuple[dict[str, float], int, int]:
+        model = copy.deepcopy(base)
+        kfac = KFAC(model, KFACConfig(share=share), comm)
+        kfac.begin_step(0)
+        x, y = data(4, seed=comm.rank)
+        out = model(x)
+        kfac.fisher_backward(out)
+        F.cross_entropy(out, y).backward()
+        kfac.step(0.1)
+        counts = {k: v for k, v in comm.counters.snapshot().items() if k.startswith("kfac.")}
+        return kfac.stats, sum(c.received for c in counts.values()), sum(c.data for c in counts.values())
+
+    for stats, received, data_bytes in ThreadWorld(2).run(rank):
+        assert stats["kfac_comm_received"] == received and stats["kfac_comm_received_data"] == data_bytes
+        assert data_bytes > 0 and stats["kfac_comm_sent"] > 0
+        assert 0 <= received - data_bytes <= 8 * 2 * 2  # at most two length exchanges of 2 ranks
+
 def test_more_micro_batches_than_announced_is_a_clear_error() -> None:
     model = net()
     kfac = KFAC(model, KFACConfig())

@@ -431,10 +431,18 @@ class KFAC:
         handed; ``kfac_layer_refreshes``: layer refreshes over the run; ``kfac_share_bytes_total``:
         inverse or gradient allgather bytes; ``kfac_diff_max``: the largest latest Diff over the layers
         (0 before any); ``kfac_owner_imbalance``: max/mean of the owners' expected cost;
-        ``kfac_damping``/``_kl_clip``/``_stat_decay``: the values in force at the last step (schedules).
+        ``kfac_damping``/``_kl_clip``/``_stat_decay``: the values in force at the last step (schedules);
+        ``kfac_comm_sent``/``_received``/``_received_data``: what every K-FAC collective of this process
+        really sent and received (padding and exchanged lengths included) and the real data in the latter,
+        from the communicator's counters (since this process started; a resumed run counts afresh).
         """
         intervals = self.clock.intervals or [0]
-        return {**self._counters, "kfac_kl_scale": float(self._kl_scale), "kfac_damping": self.damping,
+        mine = [c for name, c in (self.comm.counters.snapshot().items() if self.comm is not None else ())
+                if name.startswith("kfac.")]
+        return {**self._counters, "kfac_comm_sent": sum(c.sent for c in mine),
+                "kfac_comm_received": sum(c.received for c in mine),
+                "kfac_comm_received_data": sum(c.data for c in mine),
+                "kfac_kl_scale": float(self._kl_scale), "kfac_damping": self.damping,
                 "kfac_kl_clip": self.kl_clip, "kfac_stat_decay": self.stat_decay,
                 "kfac_interval_mean": sum(intervals) / len(intervals), "kfac_interval_max": max(intervals),
                 "kfac_diff_max": self.clock.diff_max,
