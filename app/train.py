@@ -178,16 +178,26 @@ class Trainer:
         self.skipped_images: dict[str, int] = {"train": 0, "val": 0}
 
     # -- state -----------------------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
-        """Everything a resume needs; collective. Per rank: the RNG state and the BatchNorm running
-        statistics (``batchnorm``, flat); ``model`` holds the ranks' average of the latter, what a
-        resume on another world size or any use of the weights alone gets (see ``sync_batchnorm``)."""
-        rng = self.comm.allgather(torch.get_rng_state().to(self.device)[None], name="checkpoint")
-        model = self.model.state_dict()
-        bn: list[torch.Tensor] = []
+    def state_dict(self) -> dict[str, Any] | None:
+        """Everything a resume needs, on rank 0 (the writer); collective, None on the other ranks.
+
+        Per rank: the RNG state and the BatchNorm running statistics (``batchnorm``, flat), gathered
+        to rank 0 only; ``model`` holds the ranks' average of the latter, computed there, what a
+        resume on another world size or any use of the weights alone gets (see ``sync_batchnorm``).
+        """
+        one_each = [1] * self.comm.size  # equal parts: no length exchange
+        rng = self.comm.gather(torch.get_rng_state().to(self.device)[None], 0, name="checkpoint",
+                               lengths=one_each)
+        bn_parts = None
         if self._bn_stats:
             flat = torch.cat([t.reshape(-1) for t in self._bn_stats.values()])
-            bn = [r[0].cpu() for r in self.comm.allgather(flat[None], name="checkpoint")]
+            bn_parts = self.comm.gather(flat[None], 0, name="checkpoint", lengths=one_each)
+        kfac = self.kfac.state_dict() if self.kfac is not None else {}
+        if rng is None or kfac is None:
+            return None
+        model = self.model.state_dict()
+        bn = [part[0].cpu() for part in bn_parts] if bn_parts is not None else []
+        if bn:
             model.update(_unflatten(torch.stack(bn).mean(0), self._bn_stats))
         return {
             "step": self.pos.step,
@@ -197,7 +207,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "schedule": self.schedule.state_dict(),
             "scaler": self.scaler.state_dict(),
-            "kfac": self.kfac.state_dict() if self.kfac is not None else {},
+            "kfac": kfac,
             "rng": [r[0].cpu().clone() for r in rng],  # own storage: set_rng_state needs offset 0
             "config": self.cfg.to_dict(),
         }
@@ -419,8 +429,8 @@ class Trainer:
         return flag > 0, total / self.comm.size, broken == 0
 
     def _save(self, ckpt: Checkpointer) -> None:
-        state = self.state_dict()  # collective (RNG gather): every rank calls it
-        if self.comm.rank == 0:
+        state = self.state_dict()  # collective: every rank calls it, rank 0 gets the state
+        if state is not None:
             path = ckpt.save(state, self.pos.step)
             log.info("checkpoint: %s", path)
         self.comm.barrier()

@@ -20,8 +20,9 @@ from torch import Tensor, nn
 
 from app import launch
 from app.comm import ByteCounters, Comm, CommError, Count, Handle
-from app.comm.base import Op, pad_dim0
+from app.comm.base import Launched, Op, pad_dim0
 from app.comm.grad_sync import GradientAverager
+from app.comm.traffic import Traffic
 from app.config import CommConfig
 
 WORKER = REPO / "tests" / "mpi" / "comm_worker.py"
@@ -66,6 +67,16 @@ def comm() -> Iterator[Comm]:
     (lambda c: c.grouped_allreduce([torch.zeros(1), torch.zeros(1, dtype=torch.float64)]), "needs one dtype"),
     (lambda c: c.allgather(torch.tensor(1.0)), "at least one dimension"),
     (lambda c: c.broadcast(torch.zeros(1), root=1), "root 1 is not a rank of a communicator of size 1"),
+    (lambda c: c.allgather(torch.zeros(2), lengths=[1]), "lengths[0] is 1, but this rank's tensor has 2 rows"),
+    (lambda c: c.allgather(torch.zeros(2), lengths=[2, 0]), "lengths [2, 0] must be 1 non-negative integers"),
+    (lambda c: c.allgather(torch.zeros(0), lengths=[-1]), "lengths [-1] must be 1 non-negative integers"),
+    (lambda c: c.allgather(torch.zeros(1), lengths=[True]), "lengths [True] must be 1 non-negative integers"),
+    (lambda c: c.allgather(torch.zeros(1), lengths=[1.0]), "lengths [1.0] must be 1 non-negative integers"),
+    (lambda c: c.gather(torch.zeros(1), root=1), "root 1 is not a rank of a communicator of size 1"),
+    (lambda c: c.gather(torch.zeros(1), root=-1), "root -1 is not a rank"),
+    (lambda c: c.gather(torch.tensor(1.0), root=0), "gather needs a tensor with at least one dimension"),
+    (lambda c: c.gather(torch.zeros(2), 0, lengths=[3]), "lengths[0] is 3, but this rank's tensor has 2 rows"),
+    (lambda c: c.gather([1.0], 0), "expected a torch.Tensor, got list"),
     (lambda c: c.subgroup([]), "must be distinct, increasing and within 0..0"),
     (lambda c: c.subgroup([0, 0]), "must be distinct"),
     (lambda c: c.subgroup([1]), "within 0..0"),
@@ -86,17 +97,24 @@ def test_one_rank_primitives_and_counters(comm: Comm) -> None:
     assert comm.allreduce(t.clone(), op="sum").equal(t)
     assert comm.reduce_scatter(torch.arange(4.0), [4]).equal(torch.arange(4.0))
     assert [g.shape for g in comm.allgather(torch.zeros(0, 5))] == [(0, 5)]
+    assert comm.allgather(t, lengths=[2], name="known")[0] is t  # own part: no copy
+    gathered = comm.gather(t, 0)
+    assert gathered is not None and gathered[0] is t
     assert comm.subgroup([0]) is comm
-    assert comm.counters.snapshot() == {"allreduce": Count(1, 24), "reduce_scatter": Count(1, 16),
-                                        "allgather": Count(1, 0)}
+    # The lengths exchange is one call of 8 bytes a rank, and it is no payload (data 0).
+    assert comm.counters.snapshot() == {"allreduce": Count(1, 24, 24, 24), "reduce_scatter": Count(1, 16, 16, 16),
+                                        "allgather": Count(1, 8, 8, 0), "known": Count(1, 24, 0, 0),
+                                        "gather": Count(1, 8, 8, 0)}
 
 
-def test_byte_counters_snapshot_is_a_copy() -> None:
+def test_byte_counters_sum_traffic_and_snapshot_is_a_copy() -> None:
     c = ByteCounters()
-    c.add("a", [torch.zeros(3, dtype=torch.float16), torch.zeros(2, dtype=torch.int64)])
+    c.add("a", Traffic(sent=3, received=5, data=4, calls=2))
     snap = c.snapshot()
-    c.add("a", [torch.zeros(1)])
-    assert snap == {"a": Count(1, 22)} and c.snapshot() == {"a": Count(2, 26)}
+    c.add("a", Traffic(sent=1, received=1, calls=0))
+    c.add("b", Traffic())
+    assert snap == {"a": Count(2, 3, 5, 4)}
+    assert c.snapshot() == {"a": Count(2, 4, 6, 4), "b": Count(1, 0, 0, 0)}
     c.reset()
     assert c.snapshot() == {}
 
@@ -129,17 +147,20 @@ class EchoComm(Comm):
         super().__init__(0, 2, torch.device("cpu"))
         self.launches: list[int] = []
 
-    def _allreduce(self, tensors: list[Tensor], op: Op, name: str) -> Callable[[], object]:
+    def _allreduce(self, tensors: list[Tensor], op: Op, name: str) -> Launched[object]:
         self.launches.append(tensors[0].numel())
-        return lambda: None
+        return (lambda: None), Traffic()
 
-    def _reduce_scatter(self, flat: Tensor, sizes: list[int], op: Op, name: str) -> Callable[[], Tensor]:
+    def _reduce_scatter(self, flat: Tensor, sizes: list[int], op: Op, name: str) -> Launched[Tensor]:
         raise NotImplementedError
 
-    def _allgather(self, t: Tensor, name: str) -> Callable[[], list[Tensor]]:
+    def _allgather(self, t: Tensor, lengths: list[int] | None, name: str) -> Launched[list[Tensor]]:
         raise NotImplementedError
 
-    def _broadcast(self, t: Tensor, root: int, name: str) -> Callable[[], object]:
+    def _gather(self, t: Tensor, root: int, lengths: list[int] | None, name: str) -> Launched[list[Tensor] | None]:
+        raise NotImplementedError
+
+    def _broadcast(self, t: Tensor, root: int, name: str) -> Launched[object]:
         raise NotImplementedError
 
     def _new_subgroup(self, ranks: list[int]) -> Comm | None:

@@ -200,6 +200,31 @@ def test_factors_leave_during_the_last_micro_batch(fisher: str) -> None:
         assert seen == [(0, 0), last, (layers, layers)]
 
 
+
+@pytest.mark.parametrize("share", ["inverses", "gradients"])
+def test_stats_report_what_the_kfac_collectives_really_moved(share: str) -> None:
+    """metrics.csv's kfac_comm_* fields are the communicator's counters of the K-FAC call sites: after a
+    refresh step every rank received data (the other owner's factors and share), and received - data is
+    only the exchanged lengths (8 bytes a rank per length exchange), never padding."""
+    base = net()
+
+    def rank(comm: ThreadComm) -> tuple[dict[str, float], int, int]:
+        model = copy.deepcopy(base)
+        kfac = KFAC(model, KFACConfig(share=share), comm)
+        kfac.begin_step(0)
+        x, y = data(4, seed=comm.rank)
+        out = model(x)
+        kfac.fisher_backward(out)
+        F.cross_entropy(out, y).backward()
+        kfac.step(0.1)
+        counts = {k: v for k, v in comm.counters.snapshot().items() if k.startswith("kfac.")}
+        return kfac.stats, sum(c.received for c in counts.values()), sum(c.data for c in counts.values())
+
+    for stats, received, data_bytes in ThreadWorld(2).run(rank):
+        assert stats["kfac_comm_received"] == received and stats["kfac_comm_received_data"] == data_bytes
+        assert data_bytes > 0 and stats["kfac_comm_sent"] > 0
+        assert 0 <= received - data_bytes <= 8 * 2 * 2  # at most two length exchanges of 2 ranks
+
 def test_more_micro_batches_than_announced_is_a_clear_error() -> None:
     model = net()
     kfac = KFAC(model, KFACConfig())
@@ -222,7 +247,7 @@ def test_data_parallel_equals_one_rank_on_the_global_batch() -> None:
 
     models = [copy.deepcopy(base) for _ in range(2)]
 
-    def rank(comm: ThreadComm) -> dict[str, object]:
+    def rank(comm: ThreadComm) -> dict[str, object] | None:
         r = comm.rank
         m, k = models[r], KFAC(models[r], cfg, comm)
         m.zero_grad(set_to_none=True)
@@ -233,13 +258,13 @@ def test_data_parallel_equals_one_rank_on_the_global_batch() -> None:
         for p in m.parameters():  # the trainer's data-parallel gradient averaging
             comm.allreduce(p.grad)
         k.step(0.1)
-        return k.state_dict()  # collective: gathers each owner's factors
+        return k.state_dict()  # collective: gathers each owner's factors to rank 0
 
-    states = ThreadWorld(2).run(rank)
-    for state in states:
-        gathered = KFAC(copy.deepcopy(base), cfg)
-        gathered.load_state_dict(state)
-        assert_factors_close(gathered, k1)
+    state, other = ThreadWorld(2).run(rank)
+    assert state is not None and other is None
+    gathered = KFAC(copy.deepcopy(base), cfg)
+    gathered.load_state_dict(state)
+    assert_factors_close(gathered, k1)
     for m in models:
         for p, q in zip(m.parameters(), single.parameters()):
             torch.testing.assert_close(p.grad, q.grad)

@@ -278,3 +278,93 @@ def test_finite_differences_catch_a_wrong_backward() -> None:
     bad = lambda out, y: F.cross_entropy(WrongGrad.apply(out), y)
     errors = check_gradients(model, bad, torch.randn(5, 3), torch.randint(0, 3, (5,)), max_per_tensor=4)
     assert min(r.max_rel_err for r in errors.values()) > 0.1
+
+
+# -- the step-aware running average and Diff ------------------------------------------------------------
+def statistics(model: nn.Module, x: Tensor, y: Tensor) -> dict[str, list[Tensor]]:
+    """One step's statistics X of every layer: what a fresh K-FAC's first refresh initialises to."""
+    kfac, _ = kfac_step(model, x, y)
+    return {name: [t.clone() for t in layer.factors] for name, layer in kfac.layers.items()}  # type: ignore[union-attr]
+
+
+def test_fold_with_a_gap_is_the_per_step_recursion() -> None:
+    """decay**gap on the old average == ``gap`` per-step folds of the same statistics."""
+    layer = KronLayer("fc", nn.Linear(3, 2), torch.float64)
+    old, new = [torch.randn(4, 4), torch.randn(2, 2)], [torch.randn(4, 4), torch.randn(2, 2)]
+    layer.fold(old, 0.9, gap=1)  # the first fold initialises, whatever the gap
+    assert all(torch.equal(f, o) for f, o in zip(layer.factors, old))  # type: ignore[arg-type]
+    layer.fold(new, 0.9, gap=7)
+    expected = [o.clone() for o in old]
+    for _ in range(7):
+        expected = [0.9 * e + 0.1 * n for e, n in zip(expected, new)]
+    for f, e in zip(layer.factors, expected):  # type: ignore[arg-type]
+        torch.testing.assert_close(f, e, rtol=1e-13, atol=1e-13)
+
+
+def test_fixed_interval_refresh_decays_by_the_interval() -> None:
+    """factor_interval=3: step 3's refresh is 0.8**3 F + (1 - 0.8**3) X (weights held, so X is known)."""
+    torch.manual_seed(0)
+    model = small_net()
+    x0, y0 = torch.randn(8, 2, 4, 4), torch.randint(0, 3, (8,))
+    x3, y3 = torch.randn(8, 2, 4, 4), torch.randint(0, 3, (8,))
+    f0, s3 = statistics(model, x0, y0), statistics(model, x3, y3)
+    kfac = KFAC(model, KFACConfig(kl_clip=0.0, factor_interval=3, inverse_interval=3, stat_decay=0.8))
+    for step, (x, y) in enumerate([(x0, y0), (x0, y0), (x0, y0), (x3, y3)]):
+        model.zero_grad(set_to_none=True)
+        kfac.begin_step(step)
+        out = model(x)
+        kfac.fisher_backward(out)
+        F.cross_entropy(out, y).backward()
+        kfac.step(lr=0.1)  # no optimiser step: the weights stay, so the statistics are the ones above
+    w = 0.8 ** 3
+    for name, layer in kfac.layers.items():
+        for f, a, b in zip(layer.factors, f0[name], s3[name]):  # type: ignore[arg-type]
+            torch.testing.assert_close(f, w * a + (1 - w) * b, rtol=1e-12, atol=1e-12)
+
+
+def test_diff_compares_the_statistics_with_the_average_they_update() -> None:
+    """Adaptive: at every refresh after the first, the traced Diff is max ||X - F|| / ||F|| with F the
+    average before the fold and X recovered from the fold, F' = d**gap F + (1 - d**gap) X."""
+    torch.manual_seed(1)
+    model = small_net()
+    decay = 0.7
+    kfac = KFAC(model, KFACConfig(kl_clip=0.0, adaptive_lambda=0.3, stat_decay=decay))
+    seen = 0
+    for step in range(12):
+        before = {n: None if l.factors is None else [t.clone() for t in l.factors] for n, l in kfac.layers.items()}
+        last = list(kfac.clock.last)
+        due = kfac.clock.factors_due(step)
+        x, y = torch.randn(16, 2, 4, 4), torch.randint(0, 3, (16,))
+        model.zero_grad(set_to_none=True)
+        kfac.begin_step(step)
+        out = model(x)
+        kfac.fisher_backward(out)
+        F.cross_entropy(out, y).backward()
+        kfac.step(lr=0.1)
+        for i, (name, layer) in enumerate(kfac.layers.items()):
+            old = before[name]
+            if not due[i] or old is None:
+                continue
+            w = 1 - decay ** (step - last[i])
+            xs = [(f - (1 - w) * o) / w for f, o in zip(layer.factors, old)]  # type: ignore[arg-type]
+            expected = max(float(torch.linalg.norm(a - o) / torch.linalg.norm(o)) for a, o in zip(xs, old))
+            assert kfac.clock.diffs[i] == pytest.approx(expected, rel=1e-9)
+            seen += 1
+    assert seen > 10 and max(kfac.clock.intervals) > 1
+
+
+def test_checkpoint_with_previous_statistics_still_loads() -> None:
+    """Checkpoints written before Diff compared with the average carry each layer's "previous": ignored."""
+    torch.manual_seed(2)
+    model = small_net()
+    x, y = torch.randn(8, 2, 4, 4), torch.randint(0, 3, (8,))
+    kfac, _ = kfac_step(model, x, y, adaptive_lambda=0.3)
+    state = kfac.state_dict()
+    for entry in state["layers"].values():
+        assert "previous" not in entry
+        entry["previous"] = [t.clone() for t in entry["factors"]]
+    restored = KFAC(model, KFACConfig(kl_clip=0.0, adaptive_lambda=0.3))
+    restored.load_state_dict(state)
+    for name, layer in restored.layers.items():
+        for f, g in zip(layer.factors, kfac.layers[name].factors):  # type: ignore[arg-type]
+            assert torch.equal(f, g)

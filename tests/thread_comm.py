@@ -1,6 +1,7 @@
 """N ranks as threads of one process: a real ``Comm`` (validation, counters, handles) whose
 collectives meet at a barrier, for fast in-process data-parallel tests. Every collective completes
-when it is launched; ranks must call them in the same order, as with the real backends."""
+when it is launched; ranks must call them in the same order, as with the real backends. The
+counters count what the torch backend's algorithms would move (``app.comm.traffic``)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor
 
-from app.comm.base import Comm, Op
+from app.comm import traffic
+from app.comm.base import Comm, Launched, Op, nbytes, row_bytes
 
 T = TypeVar("T")
 
@@ -78,25 +80,34 @@ class ThreadComm(Comm):
         total = torch.stack(tensors).sum(0)
         return total / self.size if op == "avg" else total
 
-    def _allreduce(self, tensors: list[Tensor], op: Op, name: str) -> Callable[[], object]:
+    def _allreduce(self, tensors: list[Tensor], op: Op, name: str) -> Launched[object]:
         values = self.world.exchange(self.rank, [t.clone() for t in tensors])
         for k, t in enumerate(tensors):
             t.copy_(self._reduce([v[k] for v in values], op))
-        return lambda: None
+        return (lambda: None), traffic.allreduce(sum(nbytes(t) for t in tensors))
 
-    def _reduce_scatter(self, flat: Tensor, sizes: list[int], op: Op, name: str) -> Callable[[], Tensor]:
+    def _reduce_scatter(self, flat: Tensor, sizes: list[int], op: Op, name: str) -> Launched[Tensor]:
         total = self._reduce(self.world.exchange(self.rank, flat.clone()), op)
         start = sum(sizes[: self.rank])
         out = total[start: start + sizes[self.rank]].clone()
-        return lambda: out
+        return (lambda: out), traffic.reduce_scatter(sizes, self.rank, flat.element_size())
 
-    def _allgather(self, t: Tensor, name: str) -> Callable[[], list[Tensor]]:
+    def _allgather(self, t: Tensor, lengths: list[int] | None, name: str) -> Launched[list[Tensor]]:
         values = self.world.exchange(self.rank, t.clone())
-        return lambda: values
+        values[self.rank] = t  # as the torch backend: the own part is the input, not a copy
+        used = traffic.allgather([v.shape[0] for v in values], self.rank, row_bytes(t), lengths is not None)
+        return (lambda: values), used
 
-    def _broadcast(self, t: Tensor, root: int, name: str) -> Callable[[], object]:
+    def _gather(self, t: Tensor, root: int, lengths: list[int] | None,
+                name: str) -> Launched[list[Tensor] | None]:
+        values = self.world.exchange(self.rank, t.clone())
+        values[self.rank] = t
+        used = traffic.gather([v.shape[0] for v in values], self.rank, root, row_bytes(t), lengths is not None)
+        return (lambda: values if self.rank == root else None), used
+
+    def _broadcast(self, t: Tensor, root: int, name: str) -> Launched[object]:
         t.copy_(self.world.exchange(self.rank, t.clone())[root])
-        return lambda: None
+        return (lambda: None), traffic.broadcast(nbytes(t), self.rank == root)
 
     def barrier(self) -> None:
         self.world.exchange(self.rank, None)

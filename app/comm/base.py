@@ -5,14 +5,17 @@ must behave the same whichever library runs underneath lives here: argument vali
 one-line errors, the per-call-site byte counters, uneven-size bookkeeping, padding helpers, and
 subgroup caching.
 
-Every operation is asynchronous at heart: a backend *launches* it and returns a waiter; ``Handle``
-wraps that waiter. Each blocking method is its ``*_async(...).wait()``. Ranks must launch the
-collectives of one communicator in the same order (torch.distributed matches them by order and
-the Horovod backend names them by a per-communicator sequence number).
+Every operation is asynchronous at heart: a backend *launches* it and returns a waiter together
+with the ``Traffic`` the launch really uses on this rank (its algorithm's buffers, padding
+included), which the counters add up; ``Handle`` wraps that waiter. Each blocking method is its
+``*_async(...).wait()``. Ranks must launch the collectives of one communicator in the same order
+(torch.distributed matches them by order and the Horovod backend names them by a
+per-communicator sequence number).
 """
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -21,8 +24,11 @@ from typing import Generic, Literal, TypeVar
 import torch
 from torch import Tensor
 
+from app.comm.traffic import Traffic
+
 Op = Literal["avg", "sum"]
 T = TypeVar("T")
+Launched = tuple[Callable[[], T], Traffic]  # a backend primitive's waiter and the traffic it uses
 
 
 class CommError(ValueError):
@@ -31,29 +37,34 @@ class CommError(ValueError):
 
 @dataclass(frozen=True)
 class Count:
-    """Traffic of one call site: how many calls, and how many payload bytes this rank handed in."""
+    """Traffic of one call site on this rank, summed over its operations (see ``ByteCounters``)."""
 
     calls: int = 0
-    bytes: int = 0
+    sent: int = 0
+    received: int = 0
+    data: int = 0
 
 
 class ByteCounters:
-    """Per-call-site payload counters, to measure what each part of a step communicates.
+    """Per-call-site counters of what this rank's collectives really move through its buffers.
 
-    ``bytes`` is defined as the payload this rank hands to the collective: the sum of
-    ``numel * element_size`` of its *input* tensors (the whole flat buffer for reduce_scatter, this
-    rank's own tensor for allgather, the tensor on every rank for broadcast). It is independent of
-    the algorithm the library picks (ring, tree, padding), so it is comparable across backends and
-    across runs; wire traffic is a backend-dependent multiple of it.
+    Each operation adds the ``Traffic`` its backend used (definitions in ``app.comm.traffic``):
+    ``sent``, the bytes of the send buffers handed to the library; ``received``, the bytes the
+    library wrote into receive buffers allocated for the call; ``data``, the other ranks' real
+    payload within ``received``; ``calls``, the library calls. Padding and exchanged lengths count
+    in ``sent``/``received`` but not in ``data``, so ``received - data`` is what the algorithm
+    costs beyond the payload. They are buffer figures, not wire figures (a ring also forwards data
+    no buffer of this rank holds). On the torch backend they equal ``app.comm.traffic``'s
+    functions, which ``spngd plan`` evaluates for any rank count.
     """
 
     def __init__(self) -> None:
         self._counts: dict[str, Count] = {}
 
-    def add(self, name: str, tensors: Sequence[Tensor]) -> None:
+    def add(self, name: str, traffic: Traffic) -> None:
         old = self._counts.get(name, Count())
-        nbytes = sum(t.numel() * t.element_size() for t in tensors)
-        self._counts[name] = Count(old.calls + 1, old.bytes + nbytes)
+        self._counts[name] = Count(old.calls + traffic.calls, old.sent + traffic.sent,
+                                   old.received + traffic.received, old.data + traffic.data)
 
     def snapshot(self) -> dict[str, Count]:
         """A copy of the counters (call site -> Count), safe to keep while counting goes on."""
@@ -82,14 +93,27 @@ class Handle(Generic[T]):
 def pad_dim0(t: Tensor, length: int) -> Tensor:
     """``t`` zero-padded along dim 0 to ``length`` rows (``t`` itself when already that long).
 
-    Libraries that need equal shapes on every rank (gloo allgather, Horovod reducescatter) get
-    uneven data this way.
+    Horovod's reducescatter, which needs equal shapes on every rank, gets uneven segments this way.
     """
     if t.shape[0] == length:
         return t
     out = t.new_zeros((length, *t.shape[1:]))
     out[: t.shape[0]] = t
     return out
+
+
+def nbytes(t: Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def row_bytes(t: Tensor) -> int:
+    """Bytes of one dim-0 row: the unit in which uneven parts differ."""
+    return math.prod(t.shape[1:]) * t.element_size()
+
+
+def own_only(t: Tensor, rank: int, size: int) -> list[int]:
+    """The lengths a non-root rank of a gather knows when they were not passed: its own only."""
+    return [t.shape[0] if r == rank else 0 for r in range(size)]
 
 
 def _copy_back(tensors: Sequence[Tensor], staged: Sequence[Tensor]) -> None:
@@ -141,9 +165,8 @@ class Comm(ABC):
         if len({t.dtype for t in tensors}) > 1:
             raise CommError(f"{name}: grouped_allreduce needs one dtype, got "
                             f"{sorted({str(t.dtype) for t in tensors})}")
-        self.counters.add(name, tensors)
         staged = [t.contiguous() for t in tensors]
-        finish = self._allreduce(staged, op, name)
+        finish = self._count(name, self._allreduce(staged, op, name))
 
         def done() -> list[Tensor]:
             finish()
@@ -156,7 +179,9 @@ class Comm(ABC):
         """Reduce ``flat`` over all ranks and return this rank's segment (a new tensor).
 
         ``flat`` is 1-D and holds ``size`` consecutive segments, segment r (``sizes[r]`` elements,
-        zero allowed) being the part that rank r receives. ``flat`` itself is left unchanged.
+        zero allowed) being the part that rank r receives. ``flat`` is the send and scratch buffer:
+        its contents are undefined afterwards (a reduce may leave partial sums in it), and the
+        result does not keep it alive.
         """
         return self.reduce_scatter_async(flat, sizes, op, name).wait()
 
@@ -164,23 +189,38 @@ class Comm(ABC):
                              name: str = "reduce_scatter") -> Handle[Tensor]:
         self._check(name, [flat], op)
         sizes = self._check_sizes(name, flat, sizes)
-        self.counters.add(name, [flat])
-        return Handle(self._reduce_scatter(flat.contiguous(), sizes, op, name))
+        return Handle(self._count(name, self._reduce_scatter(flat.contiguous(), sizes, op, name)))
 
-    def allgather(self, t: Tensor, name: str = "allgather") -> list[Tensor]:
+    def allgather(self, t: Tensor, name: str = "allgather",
+                  lengths: Sequence[int] | None = None) -> list[Tensor]:
         """Every rank's ``t``, indexed by rank; dim 0 may differ between ranks, other dims may not.
 
-        The trailing shape and dtype must agree on all ranks (not checked: that would cost a
-        round trip).
+        ``lengths``, when given, is every rank's dim-0 length (the same list on every rank): it
+        saves the length exchange. The trailing shape and dtype must agree on all ranks (not
+        checked: that would cost a round trip). This rank's entry is ``t`` itself (or its
+        contiguous copy), not a copy of it.
         """
-        return self.allgather_async(t, name).wait()
+        return self.allgather_async(t, name, lengths).wait()
 
-    def allgather_async(self, t: Tensor, name: str = "allgather") -> Handle[list[Tensor]]:
-        self._check(name, [t])
-        if t.dim() == 0:
-            raise CommError(f"{name}: allgather needs a tensor with at least one dimension")
-        self.counters.add(name, [t])
-        return Handle(self._allgather(t.contiguous(), name))
+    def allgather_async(self, t: Tensor, name: str = "allgather",
+                        lengths: Sequence[int] | None = None) -> Handle[list[Tensor]]:
+        known = self._check_parts(name, "allgather", t, lengths)
+        return Handle(self._count(name, self._allgather(t.contiguous(), known, name)))
+
+    def gather(self, t: Tensor, root: int, name: str = "gather",
+               lengths: Sequence[int] | None = None) -> list[Tensor] | None:
+        """Every rank's ``t`` on ``root`` only, indexed by rank; None on the other ranks.
+
+        Shapes and ``lengths`` as for ``allgather``; only the root allocates receive buffers, each
+        of its part's size.
+        """
+        return self.gather_async(t, root, name, lengths).wait()
+
+    def gather_async(self, t: Tensor, root: int, name: str = "gather",
+                     lengths: Sequence[int] | None = None) -> Handle[list[Tensor] | None]:
+        known = self._check_parts(name, "gather", t, lengths)
+        self._check_root(name, root)
+        return Handle(self._count(name, self._gather(t.contiguous(), root, known, name)))
 
     def broadcast(self, t: Tensor, root: int, name: str = "broadcast") -> Tensor:
         """Overwrite ``t`` on every rank with root's ``t``, in place; returns ``t``."""
@@ -188,11 +228,9 @@ class Comm(ABC):
 
     def broadcast_async(self, t: Tensor, root: int, name: str = "broadcast") -> Handle[Tensor]:
         self._check(name, [t])
-        if not 0 <= root < self.size:
-            raise CommError(f"{name}: root {root} is not a rank of a communicator of size {self.size}")
-        self.counters.add(name, [t])
+        self._check_root(name, root)
         staged = t.contiguous()
-        finish = self._broadcast(staged, root, name)
+        finish = self._count(name, self._broadcast(staged, root, name))
 
         def done() -> Tensor:
             finish()
@@ -242,23 +280,27 @@ class Comm(ABC):
     def shutdown(self) -> None:
         """Release the library (world communicator) or nothing (subgroups die with the world)."""
 
-    # ---- backend launch primitives: start the operation, return a waiter ----------------
+    # ---- backend launch primitives: start the operation, return a waiter and its traffic ---
 
     @abstractmethod
-    def _allreduce(self, tensors: list[Tensor], op: Op, name: str) -> Callable[[], object]:
+    def _allreduce(self, tensors: list[Tensor], op: Op, name: str) -> Launched[object]:
         """In-place reduction of each tensor (same dtype, maybe different shapes)."""
 
     @abstractmethod
-    def _reduce_scatter(self, flat: Tensor, sizes: list[int], op: Op,
-                        name: str) -> Callable[[], Tensor]:
+    def _reduce_scatter(self, flat: Tensor, sizes: list[int], op: Op, name: str) -> Launched[Tensor]:
         """This rank's reduced segment of ``flat`` (validated: 1-D, sum(sizes) == numel)."""
 
     @abstractmethod
-    def _allgather(self, t: Tensor, name: str) -> Callable[[], list[Tensor]]:
-        """Every rank's ``t``, dim 0 uneven."""
+    def _allgather(self, t: Tensor, lengths: list[int] | None, name: str) -> Launched[list[Tensor]]:
+        """Every rank's ``t``, dim 0 uneven; ``lengths`` validated, or None when not known."""
 
     @abstractmethod
-    def _broadcast(self, t: Tensor, root: int, name: str) -> Callable[[], object]:
+    def _gather(self, t: Tensor, root: int, lengths: list[int] | None,
+                name: str) -> Launched[list[Tensor] | None]:
+        """Every rank's ``t`` on ``root``, None elsewhere; ``lengths`` as for ``_allgather``."""
+
+    @abstractmethod
+    def _broadcast(self, t: Tensor, root: int, name: str) -> Launched[object]:
         """In-place broadcast from ``root`` (a rank of this communicator)."""
 
     @abstractmethod
@@ -269,7 +311,12 @@ class Comm(ABC):
     def _new_duplicate(self) -> Comm:
         """A new communicator over all ranks of this (world) one, with its own ordering."""
 
-    # ---- shared validation -------------------------------------------------------------
+    # ---- shared validation and counting -------------------------------------------------
+
+    def _count(self, name: str, launched: Launched[T]) -> Callable[[], T]:
+        finish, traffic = launched
+        self.counters.add(name, traffic)
+        return finish
 
     def _check(self, name: str, tensors: Sequence[Tensor], op: Op | None = None) -> None:
         if op is not None and op not in ("avg", "sum"):
@@ -281,6 +328,25 @@ class Comm(ABC):
                 raise CommError(f"{name}: tensor is on {t.device}, the communicator on {self.device}")
             if op == "avg" and not t.is_floating_point():
                 raise CommError(f"{name}: op 'avg' needs a floating-point tensor, got {t.dtype}")
+
+    def _check_root(self, name: str, root: int) -> None:
+        if isinstance(root, bool) or not isinstance(root, int) or not 0 <= root < self.size:
+            raise CommError(f"{name}: root {root} is not a rank of a communicator of size {self.size}")
+
+    def _check_parts(self, name: str, what: str, t: Tensor, lengths: Sequence[int] | None) -> list[int] | None:
+        """Validate a tensor whose dim 0 differs between ranks and the optional ``lengths`` of all parts."""
+        self._check(name, [t])
+        if t.dim() == 0:
+            raise CommError(f"{name}: {what} needs a tensor with at least one dimension")
+        if lengths is None:
+            return None
+        out = list(lengths)
+        if len(out) != self.size or any(isinstance(n, bool) or not isinstance(n, int) or n < 0 for n in out):
+            raise CommError(f"{name}: lengths {out} must be {self.size} non-negative integers, one per rank")
+        if out[self.rank] != t.shape[0]:
+            raise CommError(f"{name}: lengths[{self.rank}] is {out[self.rank]}, but this rank's tensor has "
+                            f"{t.shape[0]} rows")
+        return out
 
     def _check_sizes(self, name: str, flat: Tensor, sizes: Sequence[int]) -> list[int]:
         if flat.dim() != 1:
@@ -294,4 +360,3 @@ class Comm(ABC):
             raise CommError(f"{name}: segment sizes sum to {sum(out)}, but the buffer has "
                             f"{flat.numel()} elements")
         return out
-

@@ -5,8 +5,9 @@
 Each row times one call (after warm-up) of a float32 collective of the given total size S on
 every rank; the time is the slowest rank's average. algbw = S / time; busbw scales it by the
 fraction of S each rank must send in a bandwidth-optimal algorithm (nccl-tests convention:
-2(n-1)/n for allreduce, (n-1)/n for reduce-scatter and allgather, 1 for broadcast), so busbw is
-comparable across rank counts and with the link speed.
+2(n-1)/n for allreduce, (n-1)/n for reduce-scatter, allgather and gather, 1 for broadcast and
+for an allgather whose data all sits on one rank), so busbw is comparable across rank counts
+and with the link speed.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ def _cases(comm: Comm, n: int) -> list[tuple[str, float, Callable[[], object]]]:
     quarters = [torch.ones(k, device=dev) for k in _split(n, 4)]
     eighths = [torch.ones(k, device=dev) for k in _split(n, 8)]
     mine = torch.ones(_split(n, p)[comm.rank], device=dev)
+    last_holds_all = torch.ones(n if comm.rank == p - 1 else 0, device=dev)  # padding cost size x S before
     ring = (p - 1) / p
 
     def async_x4() -> None:
@@ -55,6 +57,8 @@ def _cases(comm: Comm, n: int) -> list[tuple[str, float, Callable[[], object]]]:
         ("reduce_scatter", ring, lambda: comm.reduce_scatter(buf, _split(n, p), op="sum")),
         ("reduce_scatter skewed", ring, lambda: comm.reduce_scatter(buf, [n] + [0] * (p - 1), op="sum")),
         ("allgather", ring, lambda: comm.allgather(mine)),
+        ("allgather skewed", 1.0, lambda: comm.allgather(last_holds_all)),
+        ("gather", ring, lambda: comm.gather(mine, 0)),
         ("broadcast", 1.0, lambda: comm.broadcast(buf, 0)),
     ]
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from dataclasses import replace
 
 from mpi4py import MPI  # noqa: F401  -- load libmpi before Horovod's extension resolves it
 
@@ -11,7 +11,9 @@ import horovod.torch as hvd
 import torch
 from torch import Tensor
 
-from app.comm.base import Comm, Op, pad_dim0
+from app.comm import traffic
+from app.comm.base import Comm, Launched, Op, nbytes, own_only, pad_dim0, row_bytes
+from app.comm.traffic import Traffic
 
 _OPS = {"avg": hvd.Average, "sum": hvd.Sum}
 
@@ -42,44 +44,73 @@ class HorovodComm(Comm):
         self._seq += 1
         return f"{name}.ps{self._ps.process_set_id}.c{self._channel}.{self._seq}"
 
-    def _allreduce(self, tensors: list[Tensor], op: Op, name: str) -> Callable[[], object]:
+    def _allreduce(self, tensors: list[Tensor], op: Op, name: str) -> Launched[object]:
         handle = hvd.grouped_allreduce_async_(tensors, op=_OPS[op], name=self._name(name),
                                               process_set=self._ps)
-        return lambda: hvd.synchronize(handle)
+        return (lambda: hvd.synchronize(handle)), traffic.allreduce(sum(nbytes(t) for t in tensors))
 
-    def _reduce_scatter(self, flat: Tensor, sizes: list[int], op: Op,
-                        name: str) -> Callable[[], Tensor]:
+    def _reduce_scatter(self, flat: Tensor, sizes: list[int], op: Op, name: str) -> Launched[Tensor]:
         # Horovod 0.28.1's reducescatter takes no split sizes: it splits dim 0 as evenly as it can.
         # Uneven segments therefore go either as `size` rows padded to the longest segment (one row
-        # per rank), or, when ownership is so skewed that padding would move more than an
-        # allreduce (size * longest > 2 * numel), as an allreduce of a copy, sliced locally (the
-        # slice is copied so the caller does not keep the whole buffer alive).
-        n = sizes[self.rank]
-        if self.size * max(sizes) <= 2 * flat.numel():
-            rows = torch.stack([pad_dim0(seg, max(sizes)) for seg in flat.split(sizes)])
+        # per rank; the padding is sent and the own row received whole), or, when ownership is so
+        # skewed that padding would move more than an allreduce (size * longest > 2 * numel), as an
+        # allreduce of `flat` in place (the whole buffer received), sliced and copied locally.
+        n, longest, item = sizes[self.rank], max(sizes), flat.element_size()
+        if self.size * longest <= 2 * flat.numel():
+            rows = torch.stack([pad_dim0(seg, longest) for seg in flat.split(sizes)])
             handle = hvd.reducescatter_async(rows, name=self._name(name), op=_OPS[op],
                                              process_set=self._ps)
-            return lambda: hvd.synchronize(handle)[0, :n]
+            used = Traffic(sent=nbytes(rows), received=longest * item, data=n * item)
+
+            def finish_rows() -> Tensor:
+                row = hvd.synchronize(handle)[0]
+                return row if n == longest else row[:n].clone()  # so the padded row can be freed
+            return finish_rows, used
         start = sum(sizes[: self.rank])
-        handle = hvd.allreduce_async_(flat.clone(), op=_OPS[op], name=self._name(name),
-                                      process_set=self._ps)
-        return lambda: hvd.synchronize(handle)[start: start + n].clone()
+        handle = hvd.allreduce_async_(flat, op=_OPS[op], name=self._name(name), process_set=self._ps)
+        used = Traffic(sent=nbytes(flat), received=nbytes(flat), data=n * item)
+        return (lambda: hvd.synchronize(handle)[start: start + n].clone()), used
 
-    def _allgather(self, t: Tensor, name: str) -> Callable[[], list[Tensor]]:
-        # Uneven dim 0 is native; the lengths travel alongside to cut the result apart.
+    def _allgather(self, t: Tensor, lengths: list[int] | None, name: str) -> Launched[list[Tensor]]:
+        # Uneven dim 0 is native: one call, whose output holds exactly every part. Unknown lengths
+        # are allgathered first (blocking), to cut the result apart and to count what it receives.
+        known = lengths is not None
+        if lengths is None:
+            lengths = hvd.allgather(torch.tensor([t.shape[0]], device=self.device), name=self._name(name),
+                                    process_set=self._ps).tolist()
         data = hvd.allgather_async(t, name=self._name(name), process_set=self._ps)
-        lengths = hvd.allgather_async(torch.tensor([t.shape[0]], device=self.device),
-                                      name=self._name(name), process_set=self._ps)
+        used = replace(traffic.allgather(lengths, self.rank, row_bytes(t), known), calls=1 if known else 2)
+        return (lambda: list(hvd.synchronize(data).split(lengths))), used
 
-        def finish() -> list[Tensor]:
-            return list(hvd.synchronize(data).split(hvd.synchronize(lengths).tolist()))
-        return finish
+    def _gather(self, t: Tensor, root: int, lengths: list[int] | None,
+                name: str) -> Launched[list[Tensor] | None]:
+        # Horovod has no gather: an alltoall in which every rank sends its part to the root only
+        # (every rank takes part in the call, empty or not). Unknown lengths go to the root the
+        # same way first (blocking).
+        known = lengths is not None
+        is_root = self.rank == root
 
-    def _broadcast(self, t: Tensor, root: int, name: str) -> Callable[[], object]:
+        def to_root(x: Tensor) -> int:
+            splits = torch.zeros(self.size, dtype=torch.int32)
+            splits[root] = x.shape[0]
+            return hvd.alltoall_async(x, splits, name=self._name(name), process_set=self._ps)
+
+        if lengths is None:
+            counts, _ = hvd.synchronize(to_root(torch.tensor([t.shape[0]], device=self.device)))
+            lengths = counts.tolist() if is_root else own_only(t, self.rank, self.size)
+        handle = to_root(t)
+        used = replace(traffic.gather(lengths, self.rank, root, row_bytes(t), known), calls=1 if known else 2)
+
+        def finish() -> list[Tensor] | None:
+            out, _ = hvd.synchronize(handle)
+            return list(out.split(lengths)) if is_root else None
+        return finish, used
+
+    def _broadcast(self, t: Tensor, root: int, name: str) -> Launched[object]:
         # Horovod wants the root as a global rank, even within a process set.
         handle = hvd.broadcast_async_(t, self._ps.ranks[root], name=self._name(name),
                                       process_set=self._ps)
-        return lambda: hvd.synchronize(handle)
+        return (lambda: hvd.synchronize(handle)), traffic.broadcast(nbytes(t), self.rank == root)
 
     def barrier(self) -> None:
         hvd.barrier(process_set=self._ps)

@@ -98,8 +98,7 @@ class Layer(ABC):
     ``factors`` is the list of running-average statistics ((A, G) or (F,)) and ``inverse`` what the
     pure functions of ``app.kfac.inverse`` made of them; both are tensors (or small dataclasses of
     tensors), so ``app.kfac.exchange`` can move, reduce or invert them on any rank. In data
-    parallel runs only the layer's owner holds ``factors`` (and ``previous``, the statistics of the
-    last refresh that adaptive intervals compare against). ``due``: record statistics this step.
+    parallel runs only the layer's owner holds ``factors``. ``due``: record statistics this step.
     """
 
     def __init__(self, name: str, module: nn.Module, dtype: torch.dtype) -> None:
@@ -107,7 +106,6 @@ class Layer(ABC):
         self.module = module
         self.dtype = dtype
         self.factors: list[Tensor] | None = None
-        self.previous: list[Tensor] | None = None
         self.inverse: Any = None
         self.due = True
         self.examples = 0  # examples seen by the forward hooks this step
@@ -172,13 +170,22 @@ class Layer(ABC):
     @abstractmethod
     def load_inverse_state(self, state: Any) -> None: ...
 
-    def fold(self, new: list[Tensor], decay: float) -> None:
-        """Running average ``decay * old + (1 - decay) * new``; the first update initialises."""
+    def fold(self, new: list[Tensor], decay: float, gap: int) -> None:
+        """Step-aware running average ``decay**gap * old + (1 - decay**gap) * new``; the first update
+        initialises.
+
+        ``gap``: steps since the previous fold. The result is exactly what the per-step average
+        ``x <- decay * x + (1 - decay) * s`` would hold had the statistics ``s`` been ``new`` on each
+        of those ``gap`` steps: the refresh's statistics stand for the steps since the last one, so
+        the average's age is counted in steps, not refreshes (one ``decay`` per refresh would leave a
+        layer refreshed every k steps with curvature ~k/(1 - decay) steps old).
+        """
         if self.factors is None:
             self.factors = [t.clone() for t in new]
             return
+        weight = 1.0 - decay ** gap
         for old, t in zip(self.factors, new):
-            old.lerp_(t, 1.0 - decay)
+            old.lerp_(t, weight)
 
     def _add_out(self, s: Tensor) -> None:
         self._out_sum = s if self._out_sum is None else self._out_sum.add_(s)

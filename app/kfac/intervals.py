@@ -7,19 +7,23 @@ A layer with no factors yet is always due. Otherwise:
   ``t % inverse_interval == 0``.
 * **Adaptive** (Algorithm 1, DESIGN.md): ``interval_l`` starts at 1, and layer l is due when
   ``t - last_refresh_l >= interval_l``. On each due step the new (rank-averaged, this step's)
-  statistics X are compared with those of the layer's previous refresh,
-  ``Diff(X, X_pre) = ||X - X_pre||_F / ||X_pre||_F``; if ``max(Diff(A), Diff(G)) < lambda`` the
-  interval grows by 1; X then becomes X_pre. The inverse is refreshed with every factor refresh.
-  Diff compares step statistics, not the running average (``stat_decay``), whose changes would
-  be damped by ``1 - stat_decay``.
+  statistics X are compared with the layer's running average F as it stood before X is folded in,
+  ``Diff(X, F) = ||X - F||_F / ||F||_F`` (max over the layer's factors); if ``Diff < lambda`` the
+  interval grows by 1. The inverse is refreshed with every factor refresh. Why F and not the
+  previous refresh's X (DESIGN.md's X_pre): F is the curvature the preconditioner has been using,
+  so Diff measures how stale it is; and F averages many batches, so Diff carries the sampling noise
+  of one batch instead of the difference of two (about 1/sqrt(2) of it). Not the change of F
+  itself either, which the fold damps by ``1 - stat_decay**gap``. The fold is step-aware
+  (``Layer.fold``): F decays by ``stat_decay**gap`` with gap = steps since the layer's last refresh,
+  so with fixed intervals every refresh decays by ``stat_decay**factor_interval``.
 
   Why elapsed steps and not DESIGN.md's literal ``t % interval_l == 0``: with the modulo a layer
   that is stable at every refresh gets interval k+1 at a step t = 2k, and the next multiple of k+1
   is always t + 2, so it refreshes every other step for good (50 % of the traffic however stable it
   is). Counting from the last refresh gives the gaps 1, 2, 3, ... the interval means.
 
-A layer whose refresh had non-finite statistics keeps its interval and X_pre. A layer with no
-inverse yet (or after resuming with another inverse method) gets one at the next step.
+A layer whose refresh had non-finite statistics keeps its interval and F (its next gap then spans
+both). A layer with no inverse yet (or after resuming with another inverse method) gets one at the next step.
 
 The ``Clock`` holds only what every rank knows alike: Diff is computed by each layer's owner and
 handed to ``update`` after the owners have shared it, so all ranks take the same decisions.
@@ -39,10 +43,10 @@ from torch import Tensor
 from app.config import KFACConfig
 
 
-def diff(x: Tensor, x_pre: Tensor) -> Tensor:
-    """``||x - x_pre||_F / ||x_pre||_F`` (0 when both are zero, inf when only x_pre is)."""
-    num = torch.linalg.vector_norm(x - x_pre)
-    den = torch.linalg.vector_norm(x_pre)
+def diff(x: Tensor, average: Tensor) -> Tensor:
+    """``||x - average||_F / ||average||_F`` (0 when both are zero, inf when only the average is)."""
+    num = torch.linalg.vector_norm(x - average)
+    den = torch.linalg.vector_norm(average)
     return torch.where(num == 0, torch.zeros_like(num), num / den)
 
 
@@ -70,7 +74,7 @@ class Clock:
     def update(self, step: int, due: Sequence[bool], diffs: Sequence[float], finite: Sequence[bool]) -> bool:
         """Apply one step's outcome (every rank, same arguments); True when an interval changed.
 
-        ``diffs[l]`` is read for due, finite layers (adaptive); NaN means no X_pre to compare with.
+        ``diffs[l]`` is read for due, finite layers (adaptive); NaN means no average to compare with.
         """
         changed = False
         for l, d in enumerate(due):

@@ -55,7 +55,7 @@ class KFAC:
       non-finite flags and per-layer retry counts, so intervals, counters and stops agree on every rank;
       (5) ``share=inverses``: the refreshed inverses are allgathered and every rank preconditions
       the rest; ``share=gradients``: owners precondition their layers and the results are
-      allgathered, every step. Only owners hold the running factors; ``state_dict`` gathers them.
+      allgathered, every step. Only owners hold the running factors; ``state_dict`` gathers them to rank 0.
     * **Failures.** A layer whose new factors contain NaN/Inf keeps its previous factors and
       inverse for the step (plain gradient if it has none), counted in ``kfac_nan_skips``. Cholesky
       failures retry in float64, then with 10x damping, counted. Non-finite factors and damping
@@ -261,11 +261,11 @@ class KFAC:
                 if not ok:
                     report[n + i] = 1
                 else:
-                    if self.clock.adaptive:
-                        report[i] = (torch.stack([diff(x, p) for x, p in zip(new, layer.previous)]).max().to(report)
-                                     if layer.previous is not None else math.nan)
-                        layer.previous = new
-                    layer.fold(new, self.stat_decay)
+                    if self.clock.adaptive:  # against the average this step's statistics update
+                        report[i] = (torch.stack([diff(x, f) for x, f in zip(new, layer.factors)]).max().to(report)
+                                     if layer.factors is not None else math.nan)
+                    assert self._step is not None
+                    layer.fold(new, self.stat_decay, max(self._step - self.clock.last[i], 1))
                 if inverse_due[i] and layer.factors is not None:
                     fp64 += self._invert(i, report)
                     inverted.add(i)
@@ -392,20 +392,28 @@ class KFAC:
 
     # -- placement -----------------------------------------------------------------------------
     def _rebalance(self) -> None:
-        """Re-place the layers when the new intervals unbalance the owners (``Placement.update``)."""
+        """Re-place the layers when the new intervals unbalance the owners (``Placement.update``).
+
+        A moved layer's state goes to its new owner only: one ``gather_objects`` per receiving rank
+        (in rank order), to which only the layers' old owners send. Per rank and re-placement: sent =
+        the state of the layers it gives up, received = the state of the layers it takes on, plus 8
+        bytes of length per receiving rank (sent) and 8 x ranks (received, once); an allgather
+        would hand every rank the state of every moved layer (all of K-FAC's state when all move).
+        """
         old = self.placement.update(self._costs())
         if old is None:
             return
         assert self.comm is not None  # one rank never re-places
         new = self.placement.owners
         with_inverse = self.cfg.share == "gradients"  # with share=inverses every rank has them
-        outgoing = {i: _export(self._layers[i], with_inverse)
-                    for i in range(len(self._layers)) if old[i] == self._rank != new[i]}
-        for i in outgoing:
-            _drop(self._layers[i], with_inverse)
-        for part in gather_objects(self.comm, outgoing, name="kfac.rebalance"):
-            for i, entry in part.items():
-                if new[i] == self._rank:
+        moved = [i for i in range(len(self._layers)) if old[i] != new[i]]
+        for dest in sorted({new[i] for i in moved}):  # the same order on every rank
+            outgoing = {i: _export(self._layers[i], with_inverse) for i in moved
+                        if new[i] == dest and old[i] == self._rank}
+            for i in outgoing:
+                _drop(self._layers[i], with_inverse)
+            for part in gather_objects(self.comm, outgoing or None, name="kfac.rebalance", root=dest) or []:
+                for i, entry in (part or {}).items():
                     _import(self._layers[i], entry, with_inverse)
         self._counters["kfac_rebalances"] = self.placement.rebalances
 
@@ -423,10 +431,18 @@ class KFAC:
         handed; ``kfac_layer_refreshes``: layer refreshes over the run; ``kfac_share_bytes_total``:
         inverse or gradient allgather bytes; ``kfac_diff_max``: the largest latest Diff over the layers
         (0 before any); ``kfac_owner_imbalance``: max/mean of the owners' expected cost;
-        ``kfac_damping``/``_kl_clip``/``_stat_decay``: the values in force at the last step (schedules).
+        ``kfac_damping``/``_kl_clip``/``_stat_decay``: the values in force at the last step (schedules);
+        ``kfac_comm_sent``/``_received``/``_received_data``: what every K-FAC collective of this process
+        really sent and received (padding and exchanged lengths included) and the real data in the latter,
+        from the communicator's counters (since this process started; a resumed run counts afresh).
         """
         intervals = self.clock.intervals or [0]
-        return {**self._counters, "kfac_kl_scale": float(self._kl_scale), "kfac_damping": self.damping,
+        mine = [c for name, c in (self.comm.counters.snapshot().items() if self.comm is not None else ())
+                if name.startswith("kfac.")]
+        return {**self._counters, "kfac_comm_sent": sum(c.sent for c in mine),
+                "kfac_comm_received": sum(c.received for c in mine),
+                "kfac_comm_received_data": sum(c.data for c in mine),
+                "kfac_kl_scale": float(self._kl_scale), "kfac_damping": self.damping,
                 "kfac_kl_clip": self.kl_clip, "kfac_stat_decay": self.stat_decay,
                 "kfac_interval_mean": sum(intervals) / len(intervals), "kfac_interval_max": max(intervals),
                 "kfac_diff_max": self.clock.diff_max,
@@ -445,21 +461,24 @@ class KFAC:
                            interval_mean=sum(self.clock.intervals) / max(len(self._layers), 1),
                            interval_max=max(self.clock.intervals, default=0), owned_layers=names, owned_bytes=held)
 
-    def state_dict(self) -> dict[str, Any]:
-        """The whole state, placement-independent: factors, previous factors and inverses of every
+    def state_dict(self) -> dict[str, Any] | None:
+        """The whole state, placement-independent: factors and inverses of every
         layer (so a resumed run between inverse refreshes is exact), intervals, owners, counters,
         and every rank's mc label generator.
 
-        Collective with a communicator: every rank must call it, and every rank gets the whole
-        state (the owners' layers and the generators are allgathered, on the CPU).
+        Collective with a communicator: every rank must call it; the owners' layers and the
+        generators are gathered to rank 0 only (on the CPU), which gets the whole state, and the
+        other ranks get None. Only rank 0 writes checkpoints: handing every rank the whole state
+        would cost each as much memory and traffic as the writer.
         """
         owned = {layer.name: _export(layer, with_inverse=True)
                  for i, layer in enumerate(self._layers) if self._mine(i)}
         samplers = [self._sampler.get_state()]
         if self.comm is not None:
             parts = gather_objects(self.comm, (owned, samplers[0]), name="kfac.checkpoint")
-            for layers, _ in parts:
-                owned.update(layers)
+            if parts is None:
+                return None
+            owned = {name: entry for layers, _ in parts for name, entry in layers.items()}
             samplers = [sampler for _, sampler in parts]
         return {
             "counters": dict(self._counters),
@@ -516,14 +535,13 @@ class KFAC:
 
 def _export(layer: Layer, with_inverse: bool) -> dict[str, Any]:
     """What a layer's owner holds, for a checkpoint or a new owner."""
-    return {"factors": layer.factors, "previous": layer.previous,
+    return {"factors": layer.factors,
             "inverse": layer.inverse_state() if with_inverse and layer.inverse is not None else None}
 
 
 def _import(layer: Layer, entry: dict[str, Any], with_inverse: bool) -> None:
     device = layer.params[0].device
-    layer.factors = _to(entry["factors"], device, layer.dtype)
-    layer.previous = _to(entry.get("previous"), device, layer.dtype)  # absent: no adaptive state
+    layer.factors = _to(entry["factors"], device, layer.dtype)  # an old checkpoint's "previous" is unused
     if with_inverse and entry["inverse"] is not None:
         layer.load_inverse_state(entry["inverse"])
 
@@ -534,6 +552,6 @@ def _to(tensors: list[Tensor] | None, device: torch.device, dtype: torch.dtype) 
 
 
 def _drop(layer: Layer, with_inverse: bool) -> None:
-    layer.factors = layer.previous = None
+    layer.factors = None
     if with_inverse:
         layer.inverse = None

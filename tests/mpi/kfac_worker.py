@@ -3,7 +3,7 @@
 Run under mpirun: ``mpirun -np N python tests/mpi/kfac_worker.py --backend torch|horovod``.
 Every rank also runs the single-process reference on the whole batch (deterministic, so alike on
 all ranks) and compares after ``STEPS`` steps: parameters (relative Frobenius error per tensor),
-bitwise agreement of the replicas, intervals, the gathered checkpoint factors, and the byte
+bitwise agreement of the replicas, intervals, the checkpoint factors gathered to rank 0, and the byte
 counters against packed sizes computed here from the module shapes. Mismatches are recorded,
 not raised, so all ranks keep issuing the same collectives; rank 0 ends with ``ALL OK``.
 """
@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from harness import expect, failures
 from torch import Tensor, nn
 
-from app.comm import Comm
+from app.comm import Comm, Count
 from app.comm.grad_sync import GradientAverager
 from app.config import ConfigError, KFACConfig
 from app.kfac import KFAC
@@ -147,9 +147,10 @@ def check_case(comm: Comm, case: Case) -> None:
     itemsize = 2 if cfg.wire_dtype == "bfloat16" else case.dtype.itemsize
     layer_sizes = list(sizes(model, cfg.inverse).values())
     factor_bytes = sum(size for due in history for d, (size, _) in zip(due, layer_sizes) if d) * itemsize
-    got = counts.get("kfac.factors")
-    expect((got.bytes if got else 0) == factor_bytes,
-           f"{case}: factor bytes {got} != packed {factor_bytes}")
+    # every rank sends the packed factors (Horovod pads them), and each segment reaches one owner
+    got = counts.get("kfac.factors", Count())
+    owned = int(comm.allreduce(torch.tensor([got.data]), op="sum", name="check").item())
+    expect(got.sent >= factor_bytes == owned, f"{case}: factor bytes {got}, {owned} owned != packed {factor_bytes}")
     mine = [o == comm.rank for o in kfac.placement.owners]
     if cfg.share == "gradients":
         name, want = "kfac.gradients", STEPS * sum(p.numel() for m, (_, layer) in zip(mine, kfac.layers.items())
@@ -160,9 +161,19 @@ def check_case(comm: Comm, case: Case) -> None:
                                           for d, m, (_, inv) in zip(due, mine, layer_sizes)
                                           if d and m and step % inverse_every == 0) * case.dtype.itemsize
     if not case.rotate_owners:
-        expect(counts[name].bytes == want, f"{case}: {name} bytes {counts[name].bytes} != packed {want}")
+        # The payload is exact: this rank's parts in `sent`, every other rank's in `data`; the rest is
+        # the optional length exchange (8 bytes sent, 8 per rank received, per call).
+        c = counts[name]
+        others = int(comm.allreduce(torch.tensor([want]), op="sum", name="check").item()) - want
+        lengths = c.sent - want
+        expect(c.data == others and lengths % 8 == 0 and c.received - c.data == comm.size * lengths,
+               f"{case}: {name} {c} != packed {want} sent, {others} received (+ lengths)")
 
-    state = kfac.state_dict()  # collective: the owners' factors gathered on every rank
+    state = kfac.state_dict()  # collective: the owners' factors gathered to rank 0, None elsewhere
+    if comm.rank != 0:
+        expect(state is None, f"{case}: rank {comm.rank} got a checkpoint state")
+        return
+    assert state is not None
     for lname, layer in ref_kfac.layers.items():
         assert layer.factors is not None
         for s, t in zip(state["layers"][lname]["factors"], layer.factors):
