@@ -390,7 +390,8 @@ def test_trials_are_a_function_of_seed_and_index(tmp_path: Path) -> None:
 def test_distributions(tmp_path: Path) -> None:
     sweep = sweep_mod.load_sweep(_sweep_file(
         tmp_path, "  optim.lr: {log_uniform: [0.001, 1.0]}\n  optim.momentum: {uniform: [0.8, 0.9]}\n"
-        "  kfac.factor_interval: {uniform: [1, 10]}\n  model.arch: {choice: [cifar_resnet8, cifar_resnet20]}\n"))
+        "  kfac.factor_interval: {uniform: [1, 10]}\n  model.arch: {choice: [cifar_resnet8, cifar_resnet20]}\n"
+        "  kfac.damping: {log_uniform: [1e-4, 1e-2]}\n"))
     draws = [sweep_mod.sample(sweep, i) for i in range(1, 2001)]
     lrs = [d["optim.lr"] for d in draws]
     assert all(0.001 <= x <= 1.0 for x in lrs)
@@ -400,6 +401,9 @@ def test_distributions(tmp_path: Path) -> None:
     ints = {d["kfac.factor_interval"] for d in draws}
     assert ints == set(range(1, 11))  # integer keys draw integers
     assert {d["model.arch"] for d in draws} == {"cifar_resnet8", "cifar_resnet20"}
+    # keys that also take a schedule (optim.momentum, kfac.damping) draw plain numbers (regression: they
+    # were refused as non-numeric once the schedules landed)
+    assert all(isinstance(d["kfac.damping"], float) and 1e-4 <= d["kfac.damping"] <= 1e-2 for d in draws)
 
 
 def test_trial_overrides_round_trip_through_the_config(tmp_path: Path) -> None:

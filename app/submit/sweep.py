@@ -74,7 +74,9 @@ def _key_type(key: str) -> Any:
         node = hints[part]
     if dataclasses.is_dataclass(node):
         raise ConfigError(f"sweep: {key!r} is a section; name one of its keys")
-    return node
+    # A key that takes a number or a schedule (kfac.damping, optim.momentum) is swept as a number:
+    # a trial's draw is the constant value, which the config loader accepts as it accepts any number.
+    return float if node == float | config_mod.Schedule else node
 
 
 def _param(key: str, spec: Any) -> Param:
