@@ -114,6 +114,49 @@ def unpack(flat: Tensor, slots: Sequence[Slot], dtype: torch.dtype) -> list[Tens
     return out
 
 
+def plan_buckets(sizes: Sequence[tuple[int, int]], bucket_bytes: int | None) -> list[list[int]]:
+    """Cut ``(layer, bytes)`` pairs, in the order they become final, into buckets of about
+    ``bucket_bytes`` (a layer larger than that gets one to itself); None: one bucket. Shared by the
+    exchange and ``app.kfac.plan``, so the plan sizes the buckets the run launches."""
+    buckets: list[list[int]] = []
+    used = 0
+    for i, size in sizes:
+        if not buckets or (bucket_bytes is not None and used + size > bucket_bytes):
+            buckets.append([])
+            used = 0
+        buckets[-1].append(i)
+        used += size
+    return buckets
+
+
+def owner_layout(layers: Sequence[int], owners: Sequence[int] | dict[int, int], numel: dict[int, int],
+                 ranks: int) -> tuple[list[int], list[int]]:
+    """A bucket's wire order (by owner, then layer) and the segment size each rank receives."""
+    ordered = sorted(layers, key=lambda i: (owners[i], i))
+    sizes = [0] * ranks
+    for i in ordered:
+        sizes[owners[i]] += numel[i]
+    return ordered, sizes
+
+
+def share_layout(share: str, owners: Sequence[int], ranks: int, inverse_due: Sequence[bool],
+                 has_grad: Sequence[bool]) -> list[list[int]]:
+    """Per rank, the layers whose inverses (``share=inverses``) or preconditioned gradients
+    (``share=gradients``) its part of the step's allgather carries, in layer order.
+
+    A pure function of what every rank knows when the allgather starts, so the parts' lengths
+    travel with the call instead of being exchanged, and ``app.kfac.plan`` sizes the same parts:
+    inverses of the layers due for one; gradients of every layer with a gradient (a layer without
+    an inverse is always due for one; an owner whose first inversion failed sends zeros, which the
+    others ignore once the shared decisions say it has none).
+    """
+    parts: list[list[int]] = [[] for _ in range(ranks)]
+    for i, owner in enumerate(owners):
+        if inverse_due[i] if share == "inverses" else has_grad[i]:
+            parts[owner].append(i)
+    return parts
+
+
 @dataclass
 class _Bucket:
     layers: list[int]  # the planned layers, in the order their statistics become final
@@ -146,17 +189,11 @@ class FactorExchange:
         self._wire = wire_dtype
         self._factors: dict[int, list[Tensor]] = {}  # added, not yet packed (or kept: one process)
         self._added: set[int] = set()
-        self._buckets: list[_Bucket] = []
         self._next = 0  # the next bucket to launch
         self.bytes = 0
-        used = 0
-        for i, _, slots, _ in plan:
-            size = packed_numel(slots) * self._wire_dtype(i).itemsize
-            if not self._buckets or (comm is not None and used + size > bucket_bytes):
-                self._buckets.append(_Bucket([]))
-                used = 0
-            self._buckets[-1].layers.append(i)
-            used += size
+        self.buffer_bytes = 0  # send buffers and own segments of every bucket (all in flight at once)
+        sizes = [(i, packed_numel(slots) * self._wire_dtype(i).itemsize) for i, _, slots, _ in plan]
+        self._buckets = [_Bucket(b) for b in plan_buckets(sizes, bucket_bytes if comm is not None else None)]
 
     @property
     def missing(self) -> list[int]:
@@ -179,13 +216,11 @@ class FactorExchange:
         return self._wire or self._dtypes[index]
 
     def _launch(self, comm: Comm, bucket: _Bucket) -> None:
-        ordered = sorted(bucket.layers, key=lambda i: (self._owner[i], i))  # by owner, then layer order
+        numel = {i: packed_numel(self._slots[i]) for i in bucket.layers}
+        ordered, sizes = owner_layout(bucket.layers, self._owner, numel, comm.size)
         dtype = self._wire_dtype(ordered[0])
         with torch.no_grad():  # called from backward hooks
             flat = torch.cat([pack(self._factors[i], self._slots[i], dtype) for i in ordered])
-        sizes = [0] * comm.size
-        for i in ordered:
-            sizes[self._owner[i]] += packed_numel(self._slots[i])
         try:
             bucket.handle = comm.reduce_scatter_async(flat, sizes, op="avg", name=self.NAME)
         except ValueError as exc:  # a library refusing the wire dtype (Horovod 0.28: bfloat16)
@@ -194,6 +229,7 @@ class FactorExchange:
             raise ConfigError(f"config: kfac.wire_dtype={str(self._wire).removeprefix('torch.')} is not "
                               f"supported by the {type(comm).__name__} backend ({exc})") from None
         self.bytes += flat.numel() * flat.element_size()
+        self.buffer_bytes += (flat.numel() + sizes[comm.rank]) * flat.element_size()
         bucket.mine = [i for i in ordered if self._owner[i] == comm.rank]
         for i in ordered:  # packed: the owners get the averages back
             del self._factors[i]

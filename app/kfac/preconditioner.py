@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 import math
 from pathlib import Path
@@ -17,11 +16,12 @@ from app.comm.base import Comm, Handle
 from app.config import KFACConfig, Schedule, value_at
 from app.errors import Diverged
 from app.kfac.capture import Capture
-from app.kfac.exchange import FactorExchange, gather_objects, pack, packed_numel, unpack
+from app.kfac.exchange import FactorExchange, gather_objects, pack, packed_numel, share_layout, unpack
 from app.kfac.factors import Layer, find_layers
 from app.kfac.fisher import sampled_losses
 from app.kfac.intervals import Clock, LayerTrace, diff
-from app.kfac.placement import Placement, imbalance, layer_cost, loads
+from app.kfac.placement import Placement, imbalance, loads
+from app.kfac.plan import decisions_numel, factor_bytes, layer_costs, share_dtype, share_numel
 from app.metrics import KFACSummary
 
 log = logging.getLogger(__name__)
@@ -82,7 +82,7 @@ class KFAC:
         self.clock = Clock(len(self._layers), cfg)
         self.placement = Placement(self._costs(), self._size, cfg.max_rebalances)
         self._wire = torch.bfloat16 if cfg.wire_dtype == "bfloat16" else None
-        self._dtype = functools.reduce(torch.promote_types, (layer.dtype for layer in self._layers), torch.float32)
+        self._dtype = share_dtype(self._layers)
         self._device = comm.device if comm is not None else torch.device("cpu")
         self._sampler = torch.Generator(device=next(model.parameters()).device)
         self._sampler.manual_seed(int(np.random.SeedSequence([seed, self._rank]).generate_state(1)[0]))
@@ -105,11 +105,11 @@ class KFAC:
         self._kl_scale: Tensor | float = 1.0
         self._bad = [0] * len(self._layers)  # consecutive bad refreshes per layer
         self._trace: LayerTrace | None = None
+        self._share: list[list[int]] = []  # the step's allgather layout (``share_layout``)
+        self._peak = {"statistics": 0, "exchange": 0, "share": 0}  # the largest of any step so far
 
     def _costs(self) -> list[float]:
-        precondition = self.cfg.share == "gradients"
-        return [layer_cost(layer.factor_shapes, k, precondition)
-                for layer, k in zip(self._layers, self.clock.intervals)]
+        return layer_costs(self._layers, self.clock.intervals, self.cfg.share)
 
     def _mine(self, i: int) -> bool:
         return self.placement.owners[i] == self._rank
@@ -135,6 +135,8 @@ class KFAC:
             layer.due = due
         self._capture.clear()
         self._capture.armed = any(self._due)
+        self._peak["statistics"] = max(self._peak["statistics"],
+                                       sum(factor_bytes(layer) for layer, due in zip(self._layers, self._due) if due))
         owners = self.placement.owners
         self._exchange = FactorExchange(
             self.comm, [(i, owners[i], self._layers[i].factor_slots, self._layers[i].dtype)
@@ -202,6 +204,9 @@ class KFAC:
                    if self._computes(i) and self.clock.has_inverse[i] and not inverse_due[i]}
         report = self._refresh(exchange, inverse_due)
         busy = any(due) or any(inverse_due)
+        if self.comm is not None:
+            decided = report.numel() * report.element_size() if busy else 0
+            self._peak["exchange"] = max(self._peak["exchange"], exchange.buffer_bytes + decided)
         decisions = (self.comm.allreduce_async(report, op="sum", name="kfac.decisions")
                      if self.comm is not None and busy else None)
         shared = self._launch_share(inverse_due, grads, updates)
@@ -250,7 +255,7 @@ class KFAC:
         fp64 retries]``, zero for layers it does not own.
         """
         n = len(self._layers)
-        report = torch.zeros(3 * n + 1, dtype=torch.float64, device=self._device)
+        report = torch.zeros(decisions_numel(n), dtype=torch.float64, device=self._device)
         fp64 = 0
         inverted = set()
         for bucket in exchange.results():
@@ -306,52 +311,61 @@ class KFAC:
 
     def _launch_share(self, inverse_due: list[bool], grads: dict[int, list[Tensor]],
                       updates: dict[int, list[Tensor]]) -> Handle[list[Tensor]] | None:
-        """Start allgathering this rank's refreshed inverses or preconditioned gradients."""
-        if self.comm is None:
+        """Start allgathering this rank's refreshed inverses or preconditioned gradients; every part's
+        length comes from ``share_layout``, so none is exchanged."""
+        if self.comm is None or (self.cfg.share == "inverses" and not any(inverse_due)):
             return None
+        layout = self._share_layout(inverse_due, grads)
+        self._share = layout
+        numel = self._share_numel
         parts: list[Tensor] = []
-        if self.cfg.share == "inverses":
-            if not any(inverse_due):
-                return None
-            for i, layer in enumerate(self._layers):
-                if self._mine(i) and inverse_due[i]:
-                    slots = layer.inverse_slots(self.cfg.inverse)
-                    if layer.factors is None:
-                        parts.append(torch.zeros(packed_numel(slots), dtype=self._dtype, device=self._device))
-                        continue
-                    parts.append(pack(layer.inverse_tensors(), slots, self._dtype))
-                    # the owner applies what the others unpack: same values and memory layout, so the
-                    # replicas' updates agree bitwise (LAPACK's results are column-major)
-                    layer.set_inverse_tensors(unpack(parts[-1], slots, layer.dtype))
-            name = "kfac.inverses"
-        else:
-            for i in grads:
-                if self._mine(i) and self._layers[i].inverse is not None:
-                    if i not in updates:
-                        updates[i] = self._layers[i].precondition(grads[i])
-                    parts += [u.reshape(-1).to(self._dtype) for u in updates[i]]
-            name = "kfac.gradients"
+        for i in layout[self._rank]:
+            layer = self._layers[i]
+            if self.cfg.share == "inverses":
+                slots = layer.inverse_slots(self.cfg.inverse)
+                if layer.factors is None:
+                    parts.append(torch.zeros(numel(i), dtype=self._dtype, device=self._device))
+                    continue
+                parts.append(pack(layer.inverse_tensors(), slots, self._dtype))
+                # the owner applies what the others unpack: same values and memory layout, so the
+                # replicas' updates agree bitwise (LAPACK's results are column-major)
+                layer.set_inverse_tensors(unpack(parts[-1], slots, layer.dtype))
+            elif layer.inverse is None:  # its first inversion failed: a placeholder the others ignore
+                parts.append(torch.zeros(numel(i), dtype=self._dtype, device=self._device))
+            else:
+                if i not in updates:
+                    updates[i] = layer.precondition(grads[i])
+                parts += [u.reshape(-1).to(self._dtype) for u in updates[i]]
         payload = torch.cat(parts) if parts else torch.empty(0, dtype=self._dtype, device=self._device)
-        self._counters["kfac_share_bytes_total"] += payload.numel() * payload.element_size()
-        return self.comm.allgather_async(payload, name=name)
+        lengths = [sum(numel(i) for i in part) for part in layout]
+        nbytes = payload.element_size()
+        self._counters["kfac_share_bytes_total"] += payload.numel() * nbytes
+        self._peak["share"] = max(self._peak["share"], sum(lengths) * nbytes)  # own part and one per other part
+        return self.comm.allgather_async(payload, name=f"kfac.{self.cfg.share}", lengths=lengths)
+
+    def _share_layout(self, inverse_due: list[bool], grads: dict[int, list[Tensor]]) -> list[list[int]]:
+        return share_layout(self.cfg.share, self.placement.owners, self._size, inverse_due,
+                            [i in grads for i in range(len(self._layers))])
+
+    def _share_numel(self, i: int) -> int:
+        return share_numel(self._layers[i], self.cfg.share, self.cfg.inverse)
 
     def _finish_share(self, parts: list[Tensor], inverse_due: list[bool], grads: dict[int, list[Tensor]],
                       updates: dict[int, list[Tensor]]) -> None:
-        """Take the other owners' inverses or preconditioned gradients out of the allgather."""
-        owners = self.placement.owners
+        """Take the other owners' inverses or preconditioned gradients out of the allgather (the layers of
+        ``share_layout``; only those with an inverse after the shared decisions)."""
+        numel = self._share_numel
         for r, part in enumerate(parts):
             if r == self._rank:
                 continue
-            if self.cfg.share == "inverses":
-                index = [i for i in range(len(self._layers)) if owners[i] == r and inverse_due[i]]
-                slots = [self._layers[i].inverse_slots(self.cfg.inverse) for i in index]
-                for i, s, chunk in zip(index, slots, part.split([packed_numel(s) for s in slots])):
-                    if self.clock.has_inverse[i]:
-                        self._layers[i].set_inverse_tensors(unpack(chunk, s, self._layers[i].dtype))
-            else:
-                index = [i for i in grads if owners[i] == r and self.clock.has_inverse[i]]
-                chunks = part.split([sum(g.numel() for g in grads[i]) for i in index])
-                for i, chunk in zip(index, chunks):
+            index = self._share[r]
+            for i, chunk in zip(index, part.split([numel(i) for i in index])):
+                if not self.clock.has_inverse[i]:
+                    continue
+                layer = self._layers[i]
+                if self.cfg.share == "inverses":
+                    layer.set_inverse_tensors(unpack(chunk, layer.inverse_slots(self.cfg.inverse), layer.dtype))
+                else:
                     updates[i] = [c.view_as(g) for c, g in zip(chunk.split([g.numel() for g in grads[i]]), grads[i])]
 
     def _count(self, due: list[bool], inverse_due: list[bool], outcome: list[float], sent: int) -> None:
@@ -418,6 +432,15 @@ class KFAC:
         self._counters["kfac_rebalances"] = self.placement.rebalances
 
     # -- bookkeeping ---------------------------------------------------------------------------
+    def memory(self) -> dict[str, int]:
+        """Bytes of the tensors K-FAC holds on this rank: running factors and inverses now, and the largest
+        step statistics, exchange buffers (factor buckets, own segments, decisions) and allgather buffers
+        of any step so far. ``app.kfac.plan`` computes the same parts for any rank count."""
+        factors = sum(t.numel() * t.element_size() for layer in self._layers for t in layer.factors or [])
+        inverses = sum(t.numel() * t.element_size() for layer in self._layers if layer.inverse is not None
+                       for t in layer.inverse_tensors())
+        return {"factors": factors, "inverses": inverses, **self._peak}
+
     def trace_layers(self, path: Path) -> None:
         """Append one CSV row per layer refresh to ``path`` (call on one rank; see ``LayerTrace``)."""
         self._trace = LayerTrace(path)
