@@ -33,6 +33,8 @@ each case). On CPU the process's peak RSS (Linux ``VmHWM``, reset through ``/pro
 minus its RSS once the case is freed again (after ``gc`` and ``malloc_trim``): model, optimiser and
 K-FAC state, batch and activations, without the library caches and thread pools the process keeps
 for good (the first case would otherwise carry ~100 MB of them). Approximate; ``null`` without ``/proc``.
+``kfac_mem_mib`` is K-FAC's own share, ``KFAC.memory()`` summed (factors, inverses, the largest step
+statistics and buffers): the figure ``spngd plan`` gives for one rank.
 """
 
 from __future__ import annotations
@@ -370,6 +372,7 @@ def measure(case: Case, cfg: Config, device: torch.device, steps: int, warmup: i
         run.step(s)
     seconds = run.timed(range(warmup, warmup + timed)) / timed
     peak = memory.peak()
+    kfac_mem = None if run.kfac is None else sum(run.kfac.memory().values()) / 2 ** 20
     if run.kfac is not None:
         stats = run.kfac.stats
         fallbacks = {k: stats[k] for k in ("kfac_nan_skips", "kfac_fp64_retries", "kfac_damping_retries")
@@ -385,6 +388,7 @@ def measure(case: Case, cfg: Config, device: torch.device, steps: int, warmup: i
             "factor_interval": case.factor_interval, "inverse_interval": case.inverse_interval,
             "ms_per_step": round(seconds * 1e3, 3), "img_per_s": round(case.batch / seconds, 2),
             "peak_mem_gib": None if peak_gib is None else round(peak_gib, 4),
+            "kfac_mem_mib": None if kfac_mem is None else round(kfac_mem, 3),
             "phases": {k: round(v * 1e3, 3) for k, v in phase_s.items()},
             "ratio_to_sgd": None, "timed_steps": timed}
 
@@ -421,13 +425,14 @@ def _fmt(value: float | None, spec: str) -> str:
 def table(rows: Sequence[dict[str, Any]]) -> str:
     """The rows as a Markdown table (phases in ms per step)."""
     head = ["model", "batch", "precision", "layout", "optim", "intervals", "ms/step", "img/s", "peak GiB",
-            "x SGD", "fwd+bwd", "factors", "inverse", "precond", "optimizer"]
+            "K-FAC MiB", "x SGD", "fwd+bwd", "factors", "inverse", "precond", "optimizer"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         intervals = "-" if r["optim"] == "sgd" else f"{r['factor_interval']}/{r['inverse_interval']}"
         cells = [r["model"], str(r["batch"]), r["precision"], "NHWC" if r["channels_last"] else "NCHW", r["optim"],
                  intervals, f"{r['ms_per_step']:.1f}", f"{r['img_per_s']:.1f}", _fmt(r["peak_mem_gib"], ".3f"),
-                 _fmt(r["ratio_to_sgd"], ".2f"), *(f"{r['phases'][p]:.1f}" for p in PHASES)]
+                 _fmt(r.get("kfac_mem_mib"), ".1f"), _fmt(r["ratio_to_sgd"], ".2f"),
+                 *(f"{r['phases'][p]:.1f}" for p in PHASES)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -131,6 +131,26 @@ def build_parser() -> argparse.ArgumentParser:
                            help="kfac.share: with gradients, owners also precondition every step (default inverses)")
     placement.set_defaults(func=_cmd_placement)
 
+    plan = sub.add_parser(
+        "plan", help="K-FAC memory and bytes per rank at any rank count (no GPU, no ranks, no data)",
+        description="Plan a model's K-FAC exchange at each rank count with the code the run uses (placement, "
+        "factor buckets, allgather layout, per-collective traffic) and print, per rank count and kfac.share, the "
+        "max and mean over the ranks of K-FAC memory (running factors, inverses, the step's statistics, exchange "
+        "and allgather buffers; no caches are kept) and of the bytes each rank's collectives send and receive on a "
+        "refresh-all step and on a plain step (torch backend). recv buffer = bytes written into the receive "
+        "buffers a rank allocates; recv data = the real parts among them. Example: spngd plan --model resnet50 "
+        "--ranks 64,256,1024 --config configs/imagenet_resnet50_kfac_bs32k.yaml --json")
+    _add_config_args(plan)
+    plan.add_argument("--model", metavar="ARCH", help="model.arch (default: the config's, resnet50)")
+    plan.add_argument("--ranks", default="64,256,1024", metavar="LIST", help="rank counts (default 64,256,1024)")
+    plan.add_argument("--num-classes", type=int, metavar="N",
+                      help="classifier outputs (default: the config's model.num_classes, else 1000)")
+    plan.add_argument("--share", default="inverses,gradients", metavar="LIST",
+                      help="kfac.share values to plan (default inverses,gradients)")
+    plan.add_argument("--per-rank", action="store_true", help="also give every rank's figures")
+    plan.add_argument("--json", action="store_true", help='print {"model", "rows": [...]} as JSON instead')
+    plan.set_defaults(func=_cmd_plan)
+
     bench = sub.add_parser(
         "bench", help="time SGD vs K-FAC training steps on synthetic data (ms/step, img/s, memory, phases)",
         description="Measure every case of the cross product of the comma-separated lists on one device: "
@@ -289,16 +309,42 @@ def _cmd_comm_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _rank_counts(text: str) -> list[int]:
+    try:
+        ranks = [int(r) for r in text.split(",")]
+    except ValueError:
+        raise UserError(f"--ranks={text!r} must be comma-separated integers, e.g. 4,8,64") from None
+    if not ranks or min(ranks) < 1:
+        raise UserError(f"--ranks={text!r} must list positive rank counts")
+    return ranks
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    """``spngd plan``: K-FAC memory and traffic per rank for any rank count."""
+    import json
+
+    from app.kfac import plan
+
+    ranks = _rank_counts(args.ranks)
+    overrides = list(args.overrides) + ([f"model.arch={args.model}"] if args.model else [])
+    cfg = config_mod.load(args.config, overrides)
+    shares = [s for s in args.share.split(",") if s]
+    if not shares or any(s not in ("inverses", "gradients") for s in shares):
+        raise UserError(f"--share={args.share!r} must list inverses and/or gradients")
+    classes = args.num_classes if args.num_classes is not None else cfg.model.num_classes or 1000
+    if classes < 1:
+        raise UserError(f"--num-classes={classes} must be a positive integer")
+    rows = plan.table_rows(cfg, classes, ranks, shares, per_rank=args.per_rank)
+    doc = {"model": cfg.model.arch, "num_classes": classes, "config": args.config, "rows": rows}
+    print(json.dumps(doc, indent=1) if args.json else plan.table(doc), flush=True)
+    return 0
+
+
 def _cmd_placement(args: argparse.Namespace) -> int:
     """``spngd placement``: the ownership balance of a model's real factor shapes."""
     from app.kfac.placement import balance_table, model_factor_shapes
 
-    try:
-        ranks = [int(r) for r in args.ranks.split(",")]
-    except ValueError:
-        raise UserError(f"--ranks={args.ranks!r} must be comma-separated integers, e.g. 4,8,64") from None
-    if not ranks or min(ranks) < 1:
-        raise UserError(f"--ranks={args.ranks!r} must list positive rank counts")
+    ranks = _rank_counts(args.ranks)
     if args.num_classes < 1:
         raise UserError(f"--num-classes={args.num_classes} must be a positive integer")
     try:

@@ -13,10 +13,12 @@ import pytest
 
 from app import bench
 from app.cli import build_parser, fill, main
+from app.config import KFACConfig
+from app.kfac.plan import model_layers, plan_ranks
 
 REPO = Path(__file__).resolve().parents[1]
 ROW_KEYS = {"model", "batch", "precision", "channels_last", "optim", "factor_interval", "inverse_interval",
-            "ms_per_step", "img_per_s", "peak_mem_gib", "phases", "ratio_to_sgd", "timed_steps"}
+            "ms_per_step", "img_per_s", "peak_mem_gib", "kfac_mem_mib", "phases", "ratio_to_sgd", "timed_steps"}
 
 
 def test_cpu_bench_rows_ratio_and_phases(tmp_path: Path) -> None:
@@ -47,6 +49,10 @@ def test_cpu_bench_rows_ratio_and_phases(tmp_path: Path) -> None:
         # measured in separate passes (synchronised vs not) on a shared CPU: roughly, not exactly
         assert 0.4 < sum(r["phases"].values()) / r["ms_per_step"] < 2.5, r
         assert r["peak_mem_gib"] > 0.0
+    # K-FAC's own memory is the plan's figure for one rank (the bench runs one process)
+    kfac_cfg = KFACConfig()
+    one_rank = plan_ranks(model_layers("cifar_resnet8", 10, kfac_cfg), kfac_cfg, 1)[0].total / 2 ** 20
+    assert sgd["kfac_mem_mib"] is None and all(r["kfac_mem_mib"] == round(one_rank, 3) for r in rows[1:])
     every_step = rows[1]
     assert every_step["ratio_to_sgd"] > 1.0 and every_step["peak_mem_gib"] > sgd["peak_mem_gib"]
     assert every_step["phases"]["inversion"] > 0.0 and every_step["phases"]["factor_stats"] > 0.0
