@@ -391,7 +391,7 @@ def test_distributions(tmp_path: Path) -> None:
     sweep = sweep_mod.load_sweep(_sweep_file(
         tmp_path, "  optim.lr: {log_uniform: [0.001, 1.0]}\n  optim.momentum: {uniform: [0.8, 0.9]}\n"
         "  kfac.factor_interval: {uniform: [1, 10]}\n  model.arch: {choice: [cifar_resnet8, cifar_resnet20]}\n"
-        "  kfac.damping: {log_uniform: [1e-4, 1e-2]}\n"))
+        "  kfac.damping: {log_uniform: [0.0001, 0.01]}\n"))
     draws = [sweep_mod.sample(sweep, i) for i in range(1, 2001)]
     lrs = [d["optim.lr"] for d in draws]
     assert all(0.001 <= x <= 1.0 for x in lrs)
