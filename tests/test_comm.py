@@ -166,9 +166,6 @@ class EchoComm(Comm):
     def _new_subgroup(self, ranks: list[int]) -> Comm | None:
         raise NotImplementedError
 
-    def _new_duplicate(self) -> Comm:
-        raise NotImplementedError
-
     def barrier(self) -> None:
         raise NotImplementedError
 

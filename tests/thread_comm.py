@@ -23,15 +23,6 @@ class ThreadWorld:
         self.size = size
         self._barrier = threading.Barrier(size)
         self._slots: list[Any] = [None] * size
-        self._lock = threading.Lock()
-        self._duplicates: list[ThreadWorld] = []
-
-    def duplicate(self, index: int) -> ThreadWorld:
-        """The ``index``-th duplicate world: made by the first rank to ask, shared by the others."""
-        with self._lock:
-            while len(self._duplicates) <= index:
-                self._duplicates.append(ThreadWorld(self.size))
-            return self._duplicates[index]
 
     def exchange(self, rank: int, value: Any) -> list[Any]:
         """Every rank's ``value``, indexed by rank."""
@@ -42,12 +33,8 @@ class ThreadWorld:
         return out
 
     def abort(self) -> None:
-        """Release every rank waiting in this world or its duplicates (they raise BrokenBarrierError)."""
+        """Release every rank waiting in this world (they raise BrokenBarrierError)."""
         self._barrier.abort()
-        with self._lock:
-            duplicates = list(self._duplicates)
-        for world in duplicates:
-            world.abort()
 
     def run(self, fn: Callable[[ThreadComm], T]) -> list[T]:
         """``fn(comm)`` on every rank in its own thread; the results by rank, or the first error."""
@@ -114,9 +101,6 @@ class ThreadComm(Comm):
 
     def _new_subgroup(self, ranks: list[int]) -> Comm | None:
         raise NotImplementedError("ThreadComm has no subgroups")
-
-    def _new_duplicate(self) -> Comm:
-        return ThreadComm(self.world.duplicate(len(self._duplicates)), self.rank, parent=self)
 
     def shutdown(self) -> None:
         pass

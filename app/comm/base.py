@@ -10,7 +10,8 @@ with the ``Traffic`` the launch really uses on this rank (its algorithm's buffer
 included), which the counters add up; ``Handle`` wraps that waiter. Each blocking method is its
 ``*_async(...).wait()``. Ranks must launch the collectives of one communicator in the same order
 (torch.distributed matches them by order and the Horovod backend names them by a
-per-communicator sequence number).
+per-communicator sequence number); collectives started from autograd hooks keep that order through
+the communicator's ``order`` queue (``app.comm.order``).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from typing import Generic, Literal, TypeVar
 import torch
 from torch import Tensor
 
+from app.comm.order import LaunchQueue
 from app.comm.traffic import Traffic
 
 Op = Literal["avg", "sum"]
@@ -129,7 +131,8 @@ class Comm(ABC):
     Tensors must be on ``device``; any layout works (a non-contiguous one, e.g. channels_last, is
     staged through a contiguous copy, which the libraries need). Each method takes ``name``, the
     call site whose counters the call adds to (see ``ByteCounters``). Subgroups share their
-    parent's counters, so one snapshot holds all the traffic of a rank.
+    parent's counters, so one snapshot holds all the traffic of a rank, and its ``order``, so the
+    hook-started collectives of a rank follow one issue order across all its communicators.
     """
 
     def __init__(self, rank: int, size: int, device: torch.device, parent: Comm | None = None) -> None:
@@ -139,7 +142,7 @@ class Comm(ABC):
         self.counters: ByteCounters = parent.counters if parent is not None else ByteCounters()
         self._is_world = parent is None
         self._subgroups: dict[tuple[int, ...], Comm | None] = {tuple(range(size)): self}
-        self._duplicates: list[Comm] = []  # released with the world
+        self.order: LaunchQueue = parent.order if parent is not None else LaunchQueue()
 
     # ---- public API ------------------------------------------------------------------------
 
@@ -257,21 +260,6 @@ class Comm(ABC):
             self._subgroups[key] = self._new_subgroup(list(key))
         return self._subgroups[key]
 
-    def duplicate(self) -> Comm:
-        """A communicator over the same ranks whose collectives are ordered independently of this
-        one's (MPI_Comm_dup).
-
-        Collective over the world. Two parts of a step that launch collectives from different
-        hooks (gradient buckets, K-FAC factor buckets) each keep their own launch order on their
-        own communicator; on a shared one, a rank whose hooks fired in another order would pair
-        the wrong collectives. It counts into this one's counters.
-        """
-        if not self._is_world:
-            raise CommError("duplicate: only the world communicator can be duplicated")
-        dup = self._new_duplicate()
-        self._duplicates.append(dup)
-        return dup
-
     @abstractmethod
     def barrier(self) -> None:
         """Block until every rank of this communicator has reached it."""
@@ -306,10 +294,6 @@ class Comm(ABC):
     @abstractmethod
     def _new_subgroup(self, ranks: list[int]) -> Comm | None:
         """A new communicator over validated ``ranks``; None on ranks outside it."""
-
-    @abstractmethod
-    def _new_duplicate(self) -> Comm:
-        """A new communicator over all ranks of this (world) one, with its own ordering."""
 
     # ---- shared validation and counting -------------------------------------------------
 

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from functools import partial
 
 import torch
 from torch import Tensor, nn
 
 from app.comm.base import Comm, Handle
+from app.comm.order import BACKWARD, GRADIENTS, Key, launch_key, param_positions
 
 
 class _Bucket:
@@ -18,8 +20,9 @@ class _Bucket:
     so a parameter that no rank computed a gradient for keeps ``grad = None``.
     """
 
-    def __init__(self, params: list[nn.Parameter]) -> None:
+    def __init__(self, params: list[nn.Parameter], key: Key) -> None:
         self.params = params
+        self.key = key  # its place in the communicator's issue order
         self.numel = sum(p.numel() for p in params)
         self.buffer = torch.empty(self.numel + len(params), dtype=params[0].dtype,
                                   device=params[0].device)
@@ -37,8 +40,10 @@ class GradientAverager:
     on every parameter launches its bucket's async allreduce as soon as the bucket is complete, so
     communication overlaps the rest of backward. ``wait()`` launches what is left (a gradient a
     rank did not compute counts as zero there), waits, and copies the averages into ``.grad``.
-    Buckets are launched in index order only, so every rank issues the same collectives in the
-    same order even when its gradients arrive differently. On one rank it does nothing.
+    The buckets are a standing source of the communicator's issue order (``app.comm.order``):
+    they go in key order with every other hook-started collective of the step (K-FAC's factor
+    buckets), so every rank issues the same collectives in the same order even when its gradients
+    arrive differently. On one rank it does nothing.
 
     Gradient accumulation: run the micro-batches before the last inside ``no_sync()`` (or
     ``sync(False)``); their gradients just accumulate locally.
@@ -50,14 +55,18 @@ class GradientAverager:
         self.comm = comm
         self.enabled = True
         params = [p for p in model.parameters() if p.requires_grad]
-        self._buckets = self._make_buckets(params[::-1], int(bucket_mb * 2**20)) if comm.size > 1 else []
+        positions = param_positions(model)
+        groups = self._group(params[::-1], int(bucket_mb * 2**20)) if comm.size > 1 else []
+        self._buckets = [_Bucket(g, launch_key(BACKWARD, min(positions[p] for p in g), GRADIENTS, k))
+                         for k, g in enumerate(groups)]
         self._where: dict[nn.Parameter, tuple[_Bucket, int]] = {
             p: (b, i) for b in self._buckets for i, p in enumerate(b.params)}
-        self._next = 0  # index of the next bucket to launch
+        self._standing = comm.order.attach({b.key: partial(self._launch, b) for b in self._buckets}) \
+            if self._buckets else None
         self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad) for p in self._where]
 
     @staticmethod
-    def _make_buckets(params: list[nn.Parameter], limit: int) -> list[_Bucket]:
+    def _group(params: list[nn.Parameter], limit: int) -> list[list[nn.Parameter]]:
         groups: list[list[nn.Parameter]] = []
         used = 0
         for p in params:
@@ -68,7 +77,7 @@ class GradientAverager:
                 used = 0
             groups[-1].append(p)
             used += nbytes
-        return [_Bucket(g) for g in groups]
+        return groups
 
     @contextlib.contextmanager
     def sync(self, enabled: bool) -> Iterator[None]:
@@ -91,9 +100,8 @@ class GradientAverager:
             raise RuntimeError("GradientAverager: a gradient changed after its bucket was sent; call "
                                "wait() before the next synchronised backward, or use no_sync()")
         bucket.ready.add(index)
-        while self._next < len(self._buckets) and \
-                len(self._buckets[self._next].ready) == len(self._buckets[self._next].params):
-            self._launch(self._buckets[self._next])
+        if len(bucket.ready) == len(bucket.params):
+            self.comm.order.ready(bucket.key)
 
     def _launch(self, bucket: _Bucket) -> None:
         for p, view in zip(bucket.params, bucket.views):
@@ -104,12 +112,15 @@ class GradientAverager:
         flags = torch.tensor([p.grad is not None for p in bucket.params], dtype=bucket.buffer.dtype)
         bucket.buffer[bucket.numel:].copy_(flags)
         bucket.handle = self.comm.allreduce_async(bucket.buffer, op="avg", name="grad_bucket")
-        self._next += 1
 
     def wait(self) -> None:
-        """Finish averaging: launch the buckets backward left incomplete, then copy results back."""
-        while self._next < len(self._buckets):
-            self._launch(self._buckets[self._next])
+        """Finish averaging: end the step's round of the issue order (launching the buckets backward
+        left incomplete, in order with the other sources' operations), then copy results back."""
+        if not self._buckets:
+            return
+        if any(b.handle is None for b in self._buckets):
+            self.comm.order.open()  # this step's round, if no hook opened it
+        self.comm.order.flush()
         for bucket in self._buckets:
             assert bucket.handle is not None
             bucket.handle.wait()
@@ -124,10 +135,11 @@ class GradientAverager:
                     p.grad = view.clone()
             bucket.ready.clear()
             bucket.handle = None
-        self._next = 0
 
     def remove(self) -> None:
-        """Detach the hooks (the model no longer averages on backward)."""
+        """Detach the hooks and leave the issue order (the model no longer averages on backward)."""
+        if self._standing is not None:
+            self._standing.detach()
         for h in self._hooks:
             h.remove()
         self._hooks.clear()

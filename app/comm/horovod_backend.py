@@ -22,9 +22,8 @@ class HorovodComm(Comm):
     """A communicator over one Horovod process set (the global one for the world)."""
 
     def __init__(self, device: torch.device, process_set: hvd.ProcessSet = hvd.global_process_set,
-                 parent: Comm | None = None, channel: int = 0) -> None:
+                 parent: Comm | None = None) -> None:
         self._ps = process_set
-        self._channel = channel  # duplicates of one process set differ in their op names only
         self._seq = 0
         super().__init__(process_set.rank(), process_set.size(), device, parent)
 
@@ -42,7 +41,7 @@ class HorovodComm(Comm):
         per communicator does not.
         """
         self._seq += 1
-        return f"{name}.ps{self._ps.process_set_id}.c{self._channel}.{self._seq}"
+        return f"{name}.ps{self._ps.process_set_id}.{self._seq}"
 
     def _allreduce(self, tensors: list[Tensor], op: Op, name: str) -> Launched[object]:
         handle = hvd.grouped_allreduce_async_(tensors, op=_OPS[op], name=self._name(name),
@@ -118,10 +117,6 @@ class HorovodComm(Comm):
     def _new_subgroup(self, ranks: list[int]) -> Comm | None:
         ps = hvd.add_process_set(ranks)
         return HorovodComm(self.device, ps, parent=self) if ps.included() else None
-
-    def _new_duplicate(self) -> Comm:
-        # Horovod pairs ops by name, not by order: a second name sequence is an independent channel.
-        return HorovodComm(self.device, self._ps, parent=self, channel=len(self._duplicates) + 1)
 
     def shutdown(self) -> None:
         if self._is_world and hvd.is_initialized():

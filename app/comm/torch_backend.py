@@ -125,21 +125,16 @@ class TorchComm(Comm):
         group = dist.new_group(ranks, timeout=self._timeout)
         return TorchComm(self.device, self._timeout, group, parent=self) if self.rank in ranks else None
 
-    def _new_duplicate(self) -> Comm:
-        return TorchComm(self.device, self._timeout, dist.new_group(list(range(self.size)), timeout=self._timeout),
-                         parent=self)
-
     def shutdown(self) -> None:
         if self._is_world and dist.is_initialized():
             # Drop our references too: a process group still referenced from Python outlives
             # destroy_process_group, and its gloo worker threads then release tensors while the
             # interpreter finalises (an intermittent abort at exit). Released here, its destructor
-            # joins them now. Communicators handed out (a duplicate held by K-FAC) lose theirs too.
-            for child in [*self._subgroups.values(), *self._duplicates]:
+            # joins them now. Subgroups handed out lose theirs too.
+            for child in self._subgroups.values():
                 if isinstance(child, TorchComm) and child is not self:
                     child._group = None
             self._subgroups = {}
-            self._duplicates = []
             dist.destroy_process_group()
             self._group = None
             gc.collect()

@@ -13,8 +13,9 @@
   factors are laid out by owner rank, so one ``reduce_scatter`` (average) per bucket hands each
   owner exactly the averaged factors it will invert, and nothing else. A bucket is launched as
   soon as its layers' statistics are final, during the step's last backward (``FactorExchange``),
-  and every bucket is launched before the first is waited on, so the exchange overlaps the rest of
-  backward and the owner folds and inverts bucket k while buckets k+1.. are still in flight.
+  in the communicator's issue order with the gradient buckets (``app.comm.order``), and every
+  bucket is launched before the first is waited on, so the exchange overlaps the rest of backward
+  and the owner folds and inverts bucket k while buckets k+1.. are still in flight.
 * **Objects.** ``gather_objects`` sends arbitrary picklable state (checkpoints, layers that
   change owner) to one rank only; it is for rare events, not the per-step path.
 """
@@ -23,14 +24,16 @@ from __future__ import annotations
 
 import io
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from app.comm.base import Comm, Handle
+from app.comm.order import BACKWARD, FACTORS, Key, launch_key
 from app.errors import ConfigError
 
 
@@ -160,6 +163,7 @@ def share_layout(share: str, owners: Sequence[int], ranks: int, inverse_due: Seq
 @dataclass
 class _Bucket:
     layers: list[int]  # the planned layers, in the order their statistics become final
+    key: Key  # its place in the communicator's issue order
     mine: list[int] = field(default_factory=list)  # this rank's layers, in wire order (after launch)
     handle: Handle[Tensor] | None = None
 
@@ -168,11 +172,15 @@ class FactorExchange:
     """One step's factors on their way to their owners (see the module docstring).
 
     Planned when the step begins, from ``plan``: ``(index, owner, slots, dtype)`` of the due layers
-    in the order their statistics become final (backward runs the layers in reverse). ``add``
-    hands over one layer's final statistics; the buckets are launched strictly in plan order,
-    each as soon as it and every bucket before it are complete, so all ranks issue the same
-    collectives in the same order however their hooks fired, and the exchange overlaps the rest
-    of backward. ``results`` needs every planned layer added (``missing`` lists the others).
+    in the order their statistics become final (backward runs the layers in reverse). Each bucket
+    joins the step's round of the communicator's issue order (``app.comm.order``) under a key
+    from ``phase`` and the smallest parameter position (``positions``, per layer index; None: plan
+    order) of its layers. ``add`` hands over one layer's final statistics; a complete bucket is
+    ready, and the queue launches it once every operation with an earlier key has gone, so all
+    ranks issue the same collectives in the same order however their hooks fired, and the
+    exchange overlaps the rest of backward. When the round must end before a bucket is complete,
+    ``provide(index)`` is asked to ``add`` its missing layers. ``results`` needs every planned
+    layer added (``missing`` lists the others).
 
     With ``comm=None`` (one process) nothing is packed or sent. ``bytes`` is what this rank handed
     to the collectives: every bucket's whole buffer, the quantity ``ByteCounters`` counts.
@@ -181,19 +189,26 @@ class FactorExchange:
     NAME = "kfac.factors"
 
     def __init__(self, comm: Comm | None, plan: Sequence[tuple[int, int, list[Slot], torch.dtype]],
-                 bucket_bytes: int, wire_dtype: torch.dtype | None) -> None:
+                 bucket_bytes: int, wire_dtype: torch.dtype | None, *, positions: Sequence[int] | None = None,
+                 phase: int = BACKWARD, provide: Callable[[int], None] | None = None) -> None:
         self._comm = comm
+        self._provide = provide
         self._owner = {i: owner for i, owner, _, _ in plan}
         self._slots = {i: slots for i, _, slots, _ in plan}
         self._dtypes = {i: dtype for i, _, _, dtype in plan}
         self._wire = wire_dtype
         self._factors: dict[int, list[Tensor]] = {}  # added, not yet packed (or kept: one process)
         self._added: set[int] = set()
-        self._next = 0  # the next bucket to launch
         self.bytes = 0
         self.buffer_bytes = 0  # send buffers and own segments of every bucket (all in flight at once)
         sizes = [(i, packed_numel(slots) * self._wire_dtype(i).itemsize) for i, _, slots, _ in plan]
-        self._buckets = [_Bucket(b) for b in plan_buckets(sizes, bucket_bytes if comm is not None else None)]
+        cut = plan_buckets(sizes, bucket_bytes if comm is not None else None)
+        self._buckets = [_Bucket(b, launch_key(phase, min(positions[i] for i in b) if positions is not None else 0,
+                                               FACTORS, k)) for k, b in enumerate(cut)]
+        self._bucket_of = {i: b for b in self._buckets for i in b.layers}
+        if comm is not None:
+            for b in self._buckets:
+                comm.order.add(b.key, partial(self._launch, comm, b), partial(self._complete, b))
 
     @property
     def missing(self) -> list[int]:
@@ -201,16 +216,22 @@ class FactorExchange:
         return [i for b in self._buckets for i in b.layers if i not in self._added]
 
     def add(self, index: int, factors: list[Tensor]) -> None:
-        """Layer ``index``'s final statistics for this step; launches every bucket that can go."""
+        """Layer ``index``'s final statistics for this step; readies its bucket once complete."""
         if index not in self._owner or index in self._added:
             raise RuntimeError(f"K-FAC: factors of layer {index} handed to the exchange twice or unplanned")
         self._added.add(index)
         self._factors[index] = factors
-        if self._comm is None:
-            return
-        while self._next < len(self._buckets) and all(i in self._added for i in self._buckets[self._next].layers):
-            self._launch(self._comm, self._buckets[self._next])
-            self._next += 1
+        bucket = self._bucket_of[index]
+        if self._comm is not None and all(i in self._added for i in bucket.layers):
+            self._comm.order.ready(bucket.key)
+
+    def _complete(self, bucket: _Bucket) -> None:
+        """The round ends: have the missing layers of ``bucket`` provided (which readies it)."""
+        missing = [i for i in bucket.layers if i not in self._added]
+        if self._provide is None:
+            raise RuntimeError(f"K-FAC: the factor exchange is missing layers {missing}")
+        for i in missing:
+            self._provide(i)
 
     def _wire_dtype(self, index: int) -> torch.dtype:
         return self._wire or self._dtypes[index]
@@ -241,6 +262,7 @@ class FactorExchange:
         if self._comm is None:
             yield [(i, self._factors[i]) for b in self._buckets for i in b.layers]
             return
+        self._comm.order.flush()  # the round ends: every bucket is in flight
         for bucket in self._buckets:
             assert bucket.handle is not None
             segment = bucket.handle.wait()

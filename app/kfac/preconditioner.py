@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from app.comm.base import Comm, Handle
+from app.comm.order import BACKWARD, EARLY, param_positions
 from app.config import KFACConfig, Schedule, value_at
 from app.errors import Diverged
 from app.kfac.capture import Capture
@@ -73,9 +74,9 @@ class KFAC:
         # where kfac.damping/kl_clip/stat_decay schedules place their epochs and their end of training
         self._horizon = (steps_per_epoch, total_steps)
         self._hyper(0)
-        # K-FAC's collectives launch from their own hooks: on their own channel they cannot be paired
-        # with the gradient buckets of another rank whose hooks fired in another order.
-        self.comm = comm.duplicate() if comm is not None else None
+        # The factor buckets launch from hooks, in the world communicator's issue order with the gradient
+        # buckets (``app.comm.order``), so no rank pairs one with another rank's gradient bucket.
+        self.comm = comm
         self.layers: dict[str, Layer] = find_layers(model, cfg.skip, cfg.batchnorm)
         self._layers = list(self.layers.values())
         self._rank, self._size = (comm.rank, comm.size) if comm is not None else (0, 1)
@@ -87,6 +88,12 @@ class KFAC:
         self._sampler = torch.Generator(device=next(model.parameters()).device)
         self._sampler.manual_seed(int(np.random.SeedSequence([seed, self._rank]).generate_state(1)[0]))
         self._index = {layer: i for i, layer in enumerate(self._layers)}
+        positions = param_positions(model)
+        # where each layer's factor bucket goes in the issue order: by its parameters' position, and
+        # before the user's backward when G comes from sampled labels (final in ``fisher_backward``)
+        self._positions = [min((positions[p] for p in layer.module.parameters()), default=len(positions))
+                           for layer in self._layers]
+        self._phase = BACKWARD if cfg.fisher == "emp" else EARLY
         self._capture = Capture(self._layers, hooked_backward=cfg.fisher == "emp",
                                 on_complete=lambda layer: self._send(self._index[layer]))
         self._step: int | None = None
@@ -141,7 +148,8 @@ class KFAC:
         self._exchange = FactorExchange(
             self.comm, [(i, owners[i], self._layers[i].factor_slots, self._layers[i].dtype)
                         for i in reversed(range(len(self._layers))) if self._due[i]],
-            int(self.cfg.bucket_mb * 2 ** 20), self._wire)
+            int(self.cfg.bucket_mb * 2 ** 20), self._wire, positions=self._positions, phase=self._phase,
+            provide=self._send)
 
     def _hyper(self, step: int) -> None:
         """The damping, KL clip and running-average decay in force at ``step`` (each ``kfac`` key may be a

@@ -15,9 +15,10 @@ import torch
 from harness import expect
 from torch import Tensor, nn
 
-from app.comm import Comm, Count, traffic
+from app.comm import Comm, Count, Handle, traffic
 from app.comm.base import nbytes
 from app.comm.grad_sync import GradientAverager
+from app.comm.order import BACKWARD, FACTORS, GRADIENTS, launch_key
 from app.comm.traffic import Traffic
 
 
@@ -223,23 +224,20 @@ def check_subgroups(comm: Comm) -> None:
             check(sub, ranks)
 
 
-def check_duplicate(comm: Comm) -> None:
-    """A duplicate's collectives pair among themselves: launched in opposite orders on odd and even
-    ranks (world first / duplicate first), both still reduce the right tensors."""
-    dup = comm.duplicate()
-    expect(dup is not comm and (dup.rank, dup.size) == (comm.rank, comm.size), "duplicate: same ranks, new comm")
-    for check in PRIMITIVES:
-        check(dup, list(range(comm.size)))
+def check_issue_order(comm: Comm) -> None:
+    """Two operations readied in opposite orders on odd and even ranks (as hooks of different ranks
+    may fire) still pair right: the communicator's queue issues them in key order on every rank."""
     mine, other = torch.full((4,), comm.rank + 1.0), torch.full((9,), 10.0 * (comm.rank + 1))
-    if comm.rank % 2:
-        h_other = dup.allreduce_async(other, op="sum", name="dup")
-        h_mine = comm.allreduce_async(mine, op="sum", name="world")
-    else:
-        h_mine = comm.allreduce_async(mine, op="sum", name="world")
-        h_other = dup.allreduce_async(other, op="sum", name="dup")
+    handles: dict[str, Handle[Tensor]] = {}
+    first, second = launch_key(BACKWARD, 5, GRADIENTS, 0), launch_key(BACKWARD, 2, FACTORS, 0)
+    comm.order.add(first, lambda: handles.update(mine=comm.allreduce_async(mine, op="sum", name="mine")))
+    comm.order.add(second, lambda: handles.update(other=comm.allreduce_async(other, op="sum", name="other")))
+    for key in (second, first) if comm.rank % 2 else (first, second):
+        comm.order.ready(key)
+    expect(comm.order.idle and sorted(handles) == ["mine", "other"], "issue order: both issued, round over")
     total = comm.size * (comm.size + 1) / 2
-    expect_close(h_mine.wait(), torch.full((4,), total), "world allreduce beside a duplicate's")
-    expect_close(h_other.wait(), torch.full((9,), 10.0 * total), "duplicate allreduce beside the world's")
+    expect_close(handles["mine"].wait(), torch.full((4,), total), "first key's allreduce")
+    expect_close(handles["other"].wait(), torch.full((9,), 10.0 * total), "second key's allreduce")
     comm.barrier()
 
 
@@ -379,7 +377,7 @@ def _checks(comm: Comm, backend: str) -> str:
     for check in PRIMITIVES:
         check(comm, list(range(comm.size)))
     check_subgroups(comm)
-    check_duplicate(comm)
+    check_issue_order(comm)
     check_counters(comm, backend)
     check_no_padding(comm)
     check_gradient_averager(comm)
