@@ -213,7 +213,11 @@ class FactorExchange:
     @property
     def missing(self) -> list[int]:
         """The planned layers not added yet, in plan order."""
-        return [i for b in self._buckets for i in b.layers if i not in self._added]
+        return [i for b in self._buckets for i in self._left(b)]
+
+    def _left(self, bucket: _Bucket) -> list[int]:
+        """The layers of ``bucket`` not added yet."""
+        return [i for i in bucket.layers if i not in self._added]
 
     def add(self, index: int, factors: list[Tensor]) -> None:
         """Layer ``index``'s final statistics for this step; readies its bucket once complete."""
@@ -222,12 +226,12 @@ class FactorExchange:
         self._added.add(index)
         self._factors[index] = factors
         bucket = self._bucket_of[index]
-        if self._comm is not None and all(i in self._added for i in bucket.layers):
+        if self._comm is not None and not self._left(bucket):
             self._comm.order.ready(bucket.key)
 
     def _complete(self, bucket: _Bucket) -> None:
         """The round ends: have the missing layers of ``bucket`` provided (which readies it)."""
-        missing = [i for i in bucket.layers if i not in self._added]
+        missing = self._left(bucket)
         if self._provide is None:
             raise RuntimeError(f"K-FAC: the factor exchange is missing layers {missing}")
         for i in missing:
