@@ -133,11 +133,15 @@ class ModelConfig:
     num_classes: int = _f(0, "output classes; 0 = taken from the dataset", ge=0)
     zero_init_residual: bool = _f(True, "zero-init the last BN gamma of each residual block")
     channels_last: bool = _f(False, "NHWC memory format (faster on tensor cores)")
+    dropout: float = _f(0.0, "dropout rate before the classifier (MC-dropout: spngd evaluate samples its masks); "
+                        "0 = no dropout layer", ge=0.0, lt=1.0)
 
 
 @dataclass
 class OptimConfig:
-    name: str = _f("sgd", "optimiser", choices=("sgd", "lars", "adam", "adamw"))
+    name: str = _f("sgd", "optimiser: sgd, lars, adam, adamw, or a Bayesian one (bayes section): vogn, noisy_kfac, "
+                   "sgld (Langevin dynamics), ivon (the ivon-opt package)",
+                   choices=("sgd", "lars", "adam", "adamw", "vogn", "noisy_kfac", "sgld", "ivon"))
     preconditioner: str = _f("none", "gradient preconditioner applied before the optimiser step",
                              choices=("none", "kfac"))
     lr: float = _f(0.1, "peak learning rate at base_batch images per step (a typo guard caps it at 1000; "
@@ -163,6 +167,39 @@ class OptimConfig:
     end_lr: float = _f(0.0, "lr at the end of poly/cosine decay", ge=0.0, le=1e3)
     label_smoothing: float = _f(0.0, "label smoothing of the cross-entropy", ge=0.0, lt=1.0)
     grad_accum: int = _f(1, "micro-batches accumulated per optimiser step", gt=0)
+    tail_average: float = _f(0.0, "averaged SGD: the weights the run ends with (checkpoint, evaluation) are the "
+                             "average of the weights after each of the last this fraction of the steps; 0 = off",
+                             ge=0.0, le=1.0)
+
+
+BAYESIAN_OPTIMISERS = ("vogn", "noisy_kfac", "sgld", "ivon")
+SAMPLING_OPTIMISERS = ("vogn", "noisy_kfac", "ivon")  # those that draw weight samples at every step
+
+
+@dataclass
+class BayesConfig:
+    mc_groups: int = _f(1, "Monte-Carlo sample groups M: the ranks split into M groups x world/M data ranks; the "
+                        "ranks of one group share a weight sample, the groups draw different ones (M divides the "
+                        "world size)", gt=0)
+    samples: int = _f(1, "weight samples per rank per step, each a forward/backward of the rank's batch", gt=0)
+    prior_variance: float = _f(1.0, "variance of the zero-mean Gaussian prior on every weight", gt=0.0)
+    augmentation: float = _f(1.0, "effective dataset size = training images x this (data augmentation makes "
+                             "more distinct examples than images)", ge=1.0)
+    tempering: float = _f(1.0, "tau: the posterior's variance is multiplied by it (cold posterior < 1)", gt=0.0)
+    precision_decay: float = _f(0.999, "VOGN: s <- precision_decay * s + (1 - precision_decay) * h; this argument "
+                                "weights the OLD precision, its complement the new Gauss-Newton diagonal h", ge=0.0,
+                                lt=1.0)
+    init_precision: float = _f(1.0, "VOGN: the precision's running average s starts here (before the prior term)",
+                               ge=0.0)
+    damping: float = _f(0.0, "VOGN: added to s + prior precision / N in the step's denominator only (not in the "
+                        "posterior variance)", ge=0.0)
+    kl_warmup_epochs: float = _f(0.0, "the prior's weight (delta) rises linearly from 0 to 1 over these epochs; "
+                                 "0 = full prior from the first step", ge=0.0)
+    noise_scale: float = _f(1.0, "noisy K-FAC and SGLD: the weight noise's standard deviation is multiplied by "
+                            "this", ge=0.0)
+    eval_samples: int = _f(16, "weight samples spngd evaluate averages the softmax over (1 for a deterministic "
+                           "model)", gt=0)
+    ensemble_size: int = _f(16, "SGLD: weight samples kept from the last half of the run for evaluation", gt=0)
 
 
 @dataclass
@@ -255,6 +292,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     kfac: KFACConfig = field(default_factory=KFACConfig)
+    bayes: BayesConfig = field(default_factory=BayesConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
@@ -525,7 +563,7 @@ def _check_consistency(cfg: Config) -> None:
         for f in dataclasses.fields(section) if dataclasses.is_dataclass(section) else ():
             if isinstance(getattr(section, f.name), Schedule):
                 _check_schedule(f"{sec.name}.{f.name}", getattr(section, f.name), f.metadata)
-    if cfg.optim.name in ("adam", "adamw") and (isinstance(cfg.optim.momentum, Schedule)
+    if cfg.optim.name not in ("sgd", "lars") and (isinstance(cfg.optim.momentum, Schedule)
                                                  or cfg.optim.momentum_follows_lr):
         raise ConfigError(f"config: optim.name={cfg.optim.name} has no momentum to schedule (its first-moment "
                           f"decay is optim.betas[0]); remove the optim.momentum schedule / optim.momentum_follows_lr")
@@ -540,6 +578,20 @@ def _check_consistency(cfg: Config) -> None:
     if cfg.data.val_resize < cfg.data.image_size:
         raise ConfigError(f"config: data.val_resize={cfg.data.val_resize} must be >= data.image_size="
                           f"{cfg.data.image_size}")
+    bayesian = cfg.optim.name in BAYESIAN_OPTIMISERS
+    if (cfg.bayes.mc_groups > 1 or cfg.bayes.samples > 1) and cfg.optim.name not in SAMPLING_OPTIMISERS:
+        raise ConfigError(f"config: bayes.mc_groups={cfg.bayes.mc_groups} / bayes.samples={cfg.bayes.samples} draw "
+                          f"weight samples, which optim.name={cfg.optim.name} has none of (use one of "
+                          f"{', '.join(SAMPLING_OPTIMISERS)})")
+    if bayesian and cfg.optim.preconditioner != "none":
+        raise ConfigError(f"config: optim.name={cfg.optim.name} is its own update; leave optim.preconditioner=none "
+                          f"(noisy_kfac brings its K-FAC from the kfac section)")
+    if bayesian and cfg.train.precision == "fp16":
+        raise ConfigError(f"config: optim.name={cfg.optim.name} needs train.precision fp32 or bf16 (fp16 loss "
+                          f"scaling would scale its curvature too)")
+    if cfg.optim.tail_average > 0 and bayesian:
+        raise ConfigError(f"config: optim.tail_average averages point estimates; optim.name={cfg.optim.name} keeps "
+                          f"a posterior instead")
     if sorted(cfg.optim.milestones) != cfg.optim.milestones:
         raise ConfigError(f"config: optim.milestones={cfg.optim.milestones} must be increasing")
 

@@ -9,7 +9,7 @@ import sys
 import time
 from collections import deque
 from collections.abc import Iterator
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,6 +18,10 @@ import torch
 from torch import nn
 
 from app import config as config_mod
+from app.bayes.builder import Sampling, build_bayes_optimizer
+from app.bayes.grid import SampleGrid
+from app.bayes.posterior import Dropout, Point, Posterior
+from app.bayes.posterior import save as save_posterior
 from app.checkpoint import REQUEUE_EXIT, Checkpointer, StopSignal
 from app.checkpoint import load as load_checkpoint
 from app.comm import Comm
@@ -137,8 +141,10 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         if cfg.train.deterministic:
             torch.use_deterministic_algorithms(True)
+        # Data x Monte-Carlo-sample grid: ranks of different sample groups read the same shards.
+        self.grid = SampleGrid(comm.size, comm.rank, cfg.bayes.mc_groups, cfg.bayes.samples)
         self.train_loader, self.val_loader, self.info = build_loaders(
-            cfg, comm.rank, comm.size, device, seed=cfg.train.seed)
+            cfg, self.grid.data_rank, self.grid.data_size, device, seed=cfg.train.seed)
         try:
             self.model = build_model(cfg.model, self.info.num_classes, in_channels=self.info.channels)
         except ValueError as exc:  # the model does not fit the data, e.g. model.num_classes too small
@@ -148,25 +154,34 @@ class Trainer:
             comm.broadcast(tensor.data, root=0, name="setup")
         self.criterion = build_criterion(cfg.optim)
         self.accum = cfg.optim.grad_accum
-        self.global_batch = cfg.data.batch_size * comm.size * self.accum
+        self.global_batch = cfg.data.batch_size * self.grid.data_size * self.accum  # distinct images
         self.steps_per_epoch = len(self.train_loader) // self.accum
         if self.steps_per_epoch == 0:
             raise config_mod.ConfigError(
-                f"config: data.batch_size={cfg.data.batch_size} x {comm.size} ranks x optim.grad_accum="
+                f"config: data.batch_size={cfg.data.batch_size} x {self.grid.data_size} data ranks x optim.grad_accum="
                 f"{self.accum} leaves no full step in an epoch of {self.info.train_size} images")
         self.total_steps = max(1, round(cfg.train.epochs * self.steps_per_epoch))
         if cfg.train.max_steps:
             self.total_steps = min(self.total_steps, cfg.train.max_steps)
-        self.optimizer = build_optimizer(self.model, cfg.optim, self.global_batch)
-        self.schedule = build_schedule(self.optimizer, cfg.optim, self.steps_per_epoch, self.total_steps)
-        self.momentum = build_momentum(self.optimizer, cfg.optim, self.schedule, self.steps_per_epoch,
-                                       self.total_steps)
         self.kfac = None
-        if cfg.optim.preconditioner == "kfac":
+        if cfg.optim.preconditioner == "kfac" or cfg.optim.name == "noisy_kfac":
             from app.kfac import KFAC
             self.kfac = KFAC(self.model, cfg.kfac, comm if comm.size > 1 else None, seed=cfg.train.seed,
                              steps_per_epoch=self.steps_per_epoch, total_steps=self.total_steps)
-        self.averager = GradientAverager(self.model, comm, bucket_mb=cfg.comm.bucket_mb)
+        self.optimizer: torch.optim.Optimizer
+        if cfg.optim.name in config_mod.BAYESIAN_OPTIMISERS:
+            self.optimizer = build_bayes_optimizer(
+                self.model, cfg, comm, train_images=self.info.train_size, global_batch=self.global_batch,
+                steps_per_epoch=self.steps_per_epoch, kfac=self.kfac)
+        else:
+            self.optimizer = build_optimizer(self.model, cfg.optim, self.global_batch)
+        self.sampler = self.optimizer if isinstance(self.optimizer, Sampling) else None
+        self.schedule = build_schedule(self.optimizer, cfg.optim, self.steps_per_epoch, self.total_steps)
+        self.momentum = build_momentum(self.optimizer, cfg.optim, self.schedule, self.steps_per_epoch,
+                                       self.total_steps)
+        # VOGN averages gradients and their squares itself, in one collective
+        self.averager = None if getattr(self.optimizer, "reduces_gradients", False) else \
+            GradientAverager(self.model, comm, bucket_mb=cfg.comm.bucket_mb)
         self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.precision == "fp16")
         # Per-rank global stream, checkpointed, for model code that draws from it (dropout); the loaders
         # and K-FAC's mc labels draw from generators of their own, so nothing else shifts it.
@@ -193,6 +208,7 @@ class Trainer:
             flat = torch.cat([t.reshape(-1) for t in self._bn_stats.values()])
             bn_parts = self.comm.gather(flat[None], 0, name="checkpoint", lengths=one_each)
         kfac = self.kfac.state_dict() if self.kfac is not None else {}
+        posterior = self.posterior().export()
         if rng is None or kfac is None:
             return None
         model = self.model.state_dict()
@@ -208,6 +224,7 @@ class Trainer:
             "schedule": self.schedule.state_dict(),
             "scaler": self.scaler.state_dict(),
             "kfac": kfac,
+            "posterior": posterior,
             "rng": [r[0].cpu().clone() for r in rng],  # own storage: set_rng_state needs offset 0
             "config": self.cfg.to_dict(),
         }
@@ -266,28 +283,48 @@ class Trainer:
             self.kfac.begin_step(step, micro_batches=len(group), loss_scale=loss_scale(self.scaler))
         loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
         hits = torch.zeros((), device=self.device, dtype=torch.float64)
+        samples = self.grid.generators(self.device, self.cfg.train.seed, step) if self.sampler is not None else [None]
+        shares = self.accum * len(samples)  # (micro-batch, sample) pairs the step's gradient averages over
         for i, (x, y) in enumerate(group):
             x = x.to(self.dtype)
             if self.cfg.model.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            last = i == len(group) - 1
-            with self.averager.sync(last):
-                with autocast_for(self.cfg, self.device):
-                    out = self.model(x)
-                    loss = self.criterion(loss_precision(out), y) / self.accum
-                if self.kfac is not None:
-                    self.kfac.fisher_backward(out)
-                self.scaler.scale(loss).backward()
-            loss_sum += loss.detach().double()
-            hits += (out.detach().argmax(1) == y).sum().double()
-        self.averager.wait()
+            for k, generator in enumerate(samples):
+                last = i == len(group) - 1 and k == len(samples) - 1
+                with self._sync(last), self._sampled(generator):
+                    with autocast_for(self.cfg, self.device):
+                        out = self.model(x)
+                        loss = self.criterion(loss_precision(out), y) / shares
+                    if self.kfac is not None:
+                        self.kfac.fisher_backward(out)
+                    self.scaler.scale(loss).backward()
+                loss_sum += loss.detach().double()
+                hits += (out.detach().argmax(1) == y).sum().double()
+        if self.averager is not None:
+            self.averager.wait()
         self.scaler.unscale_(self.optimizer)
         if self.kfac is not None:
             self.kfac.step(lr)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        return loss_sum, hits / (len(group) * group[0][1].shape[0])
+        return loss_sum, hits / (shares * group[0][1].shape[0])
+
+    def _sync(self, last: bool) -> AbstractContextManager[None]:
+        return self.averager.sync(last) if self.averager is not None else nullcontext()
+
+    def _sampled(self, generator: torch.Generator | None) -> AbstractContextManager[None]:
+        """The forward/backward of one weight sample (no-op for a point-estimate optimiser)."""
+        if self.sampler is None or generator is None:
+            return nullcontext()
+        return self.sampler.sampled_params(generator)
+
+    def posterior(self) -> Posterior:
+        """What the run's weights mean (collective): the optimiser's posterior, MC-dropout when the model
+        has dropout, else the point estimate the model holds."""
+        if hasattr(self.optimizer, "posterior"):
+            return self.optimizer.posterior()  # type: ignore[no-any-return]
+        return Dropout() if self.cfg.model.dropout > 0 else Point()
 
     def sync_batchnorm(self) -> None:
         """Average the BatchNorm running statistics over the ranks into every rank's model.
@@ -318,7 +355,7 @@ class Trainer:
                 loss = nn.functional.cross_entropy(out, y, ignore_index=-1, reduction="sum")
                 top1, top5, count = _accuracy_counts(out, y)
                 totals[:4] += torch.stack([loss.double(), top1.double(), top5.double(), count.double()])
-        totals[4] = self.val_loader.skipped  # summed over ranks by the same allreduce
+        totals[4] = self.val_loader.skipped / self.grid.groups  # summed over ranks by the same allreduce
         self.comm.allreduce(totals, op="sum", name="validation")
         self.skipped_images["val"] = round(totals[4].item())
         self.model.train()
@@ -366,7 +403,8 @@ class Trainer:
                 trained_imgs += imgs
                 step = self.pos.step
                 if step % cfg.train.log_every == 0 or step == self.total_steps:
-                    loss_acc[2] = self.train_loader.skipped * comm.size  # the average makes it the sum
+                    # the average makes it the sum over the shards (each read by mc_groups ranks)
+                    loss_acc[2] = self.train_loader.skipped * self.grid.data_size
                     self.comm.allreduce(loss_acc, op="avg", name="metrics")
                     self.skipped_images["train"] = round(loss_acc[2].item())
                     n_logged = cfg.train.log_every if step % cfg.train.log_every == 0 else step % cfg.train.log_every
@@ -506,6 +544,8 @@ def train(cfg: Config, world: World, comm: Comm, device: torch.device) -> Summar
     summary = trainer.run(run_dir)
     if trainer.kfac is not None:
         summary.kfac = trainer.kfac.summary()
+    posterior = trainer.posterior()  # collective
     if comm.rank == 0:
+        save_posterior(posterior, run_dir / "posterior.pt")
         summary.save(run_dir / "summary.json")
     return summary

@@ -76,9 +76,9 @@ def build_schedule(optimizer: torch.optim.Optimizer, cfg: OptimConfig, steps_per
 
 def build_momentum(optimizer: torch.optim.Optimizer, cfg: OptimConfig, lr: LRSchedule, steps_per_epoch: int,
                    total_steps: int) -> MomentumSchedule | None:
-    """The per-step momentum of SGD and LARS; None for Adam(W), which has none (config refuses a momentum
-    schedule there)."""
-    if cfg.name in ("adam", "adamw"):
+    """The per-step momentum of SGD and LARS; None for Adam(W) and the Bayesian optimisers, whose first-moment
+    decay is ``optim.betas[0]`` (config refuses a momentum schedule there)."""
+    if cfg.name not in ("sgd", "lars"):
         return None
     return MomentumSchedule(optimizer, cfg.momentum, steps_per_epoch, total_steps,
                             lr if cfg.momentum_follows_lr else None)
