@@ -209,6 +209,7 @@ class Trainer:
             bn_parts = self.comm.gather(flat[None], 0, name="checkpoint", lengths=one_each)
         kfac = self.kfac.state_dict() if self.kfac is not None else {}
         posterior = self.posterior().export()
+        optimizer = self.optimizer.state_dict()  # collective for VOGN (its state lives on the layers' owners)
         if rng is None or kfac is None:
             return None
         model = self.model.state_dict()
@@ -220,7 +221,7 @@ class Trainer:
             "world_size": self.comm.size,
             "model": model,
             "batchnorm": bn,
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": optimizer,
             "schedule": self.schedule.state_dict(),
             "scaler": self.scaler.state_dict(),
             "kfac": kfac,
@@ -323,7 +324,7 @@ class Trainer:
         """What the run's weights mean (collective): the optimiser's posterior, MC-dropout when the model
         has dropout, else the point estimate the model holds."""
         if hasattr(self.optimizer, "posterior"):
-            return self.optimizer.posterior()  # type: ignore[no-any-return]
+            return self.optimizer.posterior()  # type: ignore[no-any-return,unused-ignore]
         return Dropout() if self.cfg.model.dropout > 0 else Point()
 
     def sync_batchnorm(self) -> None:

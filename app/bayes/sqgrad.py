@@ -184,6 +184,10 @@ class SquaredGradients:
         self.armed = False
         self._handles = [s.module.register_forward_hook(partial(self._forward_hook, s)) for s in self._sites]
 
+    def layers(self) -> list[list[nn.Parameter]]:
+        """The hooked modules' parameters, one list per module, in registration order."""
+        return [site.params for site in self._sites]
+
     def _forward_hook(self, site: _Site, module: nn.Module, inputs: tuple[Any, ...], output: Tensor) -> None:
         if not (self.armed and output.requires_grad):
             return
