@@ -36,7 +36,8 @@ def _train(comm: Comm, world: launch.World, out: str, groups: int, samples: int)
     for _ in trainer.steps():
         pass
     std = trainer.optimizer.std  # type: ignore[attr-defined]
-    return [p.detach().clone() for p in trainer.model.parameters()] + [std[p].clone() for p in trainer.model.parameters()]
+    params = list(trainer.model.parameters())
+    return [p.detach().clone() for p in params] + [std[p].clone() for p in params]
 
 
 def checks(comm: Comm, backend: str) -> str:
