@@ -280,11 +280,11 @@ class Trainer:
         lr = self.schedule.set_step(step)
         if self.momentum is not None:
             self.momentum.set_step(step)
-        if self.kfac is not None:
-            self.kfac.begin_step(step, micro_batches=len(group), loss_scale=loss_scale(self.scaler))
+        samples = self.grid.generators(self.device, self.cfg.train.seed, step) if self.sampler is not None else [None]
+        if self.kfac is not None:  # one fisher_backward per (micro-batch, sample) pass
+            self.kfac.begin_step(step, micro_batches=len(group) * len(samples), loss_scale=loss_scale(self.scaler))
         loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
         hits = torch.zeros((), device=self.device, dtype=torch.float64)
-        samples = self.grid.generators(self.device, self.cfg.train.seed, step) if self.sampler is not None else [None]
         shares = self.accum * len(samples)  # (micro-batch, sample) pairs the step's gradient averages over
         for i, (x, y) in enumerate(group):
             x = x.to(self.dtype)
@@ -304,8 +304,8 @@ class Trainer:
         if self.averager is not None:
             self.averager.wait()
         self.scaler.unscale_(self.optimizer)
-        if self.kfac is not None:
-            self.kfac.step(lr)
+        if self.kfac is not None and not getattr(self.optimizer, "calls_kfac", False):
+            self.kfac.step(lr)  # noisy K-FAC calls it in its step, after adding the prior term
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +74,9 @@ class KFAC:
         self.cfg = cfg
         # where kfac.damping/kl_clip/stat_decay schedules place their epochs and their end of training
         self._horizon = (steps_per_epoch, total_steps)
+        # a damping term added to kfac.damping, a function of the step (noisy K-FAC: the prior's share of
+        # the posterior precision, ``app.bayes.noisy_kfac``); None for plain K-FAC
+        self.extra_damping: Callable[[int], float] | None = None
         self._hyper(0)
         # The factor buckets launch from hooks, in the world communicator's issue order with the gradient
         # buckets (``app.comm.order``), so no rank pairs one with another rank's gradient bucket.
@@ -158,6 +162,8 @@ class KFAC:
         spe, total = self._horizon
         self.damping, self.kl_clip, self.stat_decay = (value_at(x, step, spe, total) for x in
                                                        (self.cfg.damping, self.cfg.kl_clip, self.cfg.stat_decay))
+        if self.extra_damping is not None:
+            self.damping += self.extra_damping(step)
 
     def fisher_backward(self, out: Tensor) -> None:
         """Once per micro-batch, after its forward and before its backward.
