@@ -11,11 +11,12 @@ whole job down (``launch.abort_on_error``), so no rank waits in a collective for
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import logging
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
@@ -24,7 +25,11 @@ from app import config as config_mod
 from app.errors import USAGE_EXIT, Diverged, UserError
 
 if TYPE_CHECKING:
+    import torch
     from _typeshed import DataclassInstance
+
+    from app.comm import Comm
+    from app.launch import World
 
     Options = TypeVar("Options", bound=DataclassInstance)
 
@@ -181,6 +186,23 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", metavar="JSON", help="also write the rows and the run's metadata here")
     bench.set_defaults(func=_cmd_bench)
 
+    evaluate = sub.add_parser(
+        "evaluate", help="posterior predictive evaluation of a run: accuracy, NLL, Brier, ECE, OOD detection",
+        description="Average the softmax over S weight samples of the run's posterior (newest verified "
+        "checkpoint) on its validation set and an out-of-distribution set that needs no download, and write "
+        "eval.json (accuracy, nll, brier, ece with 15 bins, ood_auroc / ood_aupr / ood_fpr95 with the "
+        "in-distribution images as positives, for the max-probability and entropy scores), reliability.png and "
+        "roc.png into the run directory. Samples are spread over the ranks; a deterministic model uses S = 1. "
+        "OOD sets: digits (scikit-learn's 8x8 digits, resized), inverted, rotated (the validation images "
+        "inverted / turned 90 degrees), noise (uniform noise). Example: mpirun -np 2 spngd evaluate --run "
+        "runs/bayes_vogn_demo --samples 16 --ood digits")
+    evaluate.add_argument("--run", required=True, metavar="DIR", help="the run directory spngd train wrote")
+    evaluate.add_argument("--samples", metavar="S", help="weight samples (default: the run's bayes.eval_samples)")
+    evaluate.add_argument("--ood", default="digits", metavar="NAME",
+                          help="OOD set: digits, inverted, rotated or noise (default digits)")
+    evaluate.add_argument("--checkpoint", metavar="PATH", help="evaluate this checkpoint instead of the newest")
+    evaluate.set_defaults(func=_cmd_evaluate)
+
     comm_bench = sub.add_parser(
         "comm-bench", help="latency and bandwidth of every collective of the comm backend (run under mpirun)",
         description="Times one call (after warm-up) of each float32 collective of every given total size on "
@@ -221,9 +243,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     _setup_logging(world.rank, args.log_level)
     cfg = config_mod.load(args.config, overrides)  # validated before any collective starts
     config_mod.check_output(cfg)
-    with launch.abort_on_error(world):
-        device = launch.select_device(world, cfg.train.device)
-        comm = launch.init_comm(world, cfg.comm, device)
+    with _ranks(world, cfg) as (device, comm):
         from app.checkpoint import DIVERGED_EXIT
         from app.train import train
 
@@ -234,8 +254,52 @@ def _cmd_train(args: argparse.Namespace) -> int:
         except Diverged as exc:  # every rank at the same step: a clean exit, not an abort
             _report_once(comm.rank, exc)
             return DIVERGED_EXIT
+    return 0
+
+
+@contextlib.contextmanager
+def _ranks(world: World, cfg: config_mod.Config) -> Iterator[tuple[torch.device, Comm]]:
+    """This rank's device and world communicator for ``cfg`` (shut down after), inside
+    ``abort_on_error``: what every SPMD command (train, evaluate) runs in."""
+    from app import launch
+
+    with launch.abort_on_error(world):
+        device = launch.select_device(world, cfg.train.device)
+        comm = launch.init_comm(world, cfg.comm, device)
+        try:
+            yield device, comm
         finally:
             comm.shutdown()
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    """``spngd evaluate``: one summary line per metric group on rank 0; the files are in the run directory."""
+    from app import launch
+    from app.bayes import evaluate
+
+    samples = None
+    if args.samples is not None:
+        try:
+            samples = int(args.samples)
+        except ValueError:
+            raise UserError(f"evaluate: --samples={args.samples!r} must be a positive integer") from None
+    world = launch.discover()
+    _setup_logging(world.rank, "INFO")
+    job = evaluate.open_run(Path(args.run), samples, args.ood,
+                            Path(args.checkpoint) if args.checkpoint else None)  # checked before any collective
+    with _ranks(world, job.cfg) as (device, comm):
+        r = evaluate.evaluate(job, comm, device)
+        if r is not None:
+            note = f" ({r['samples_note']})" if "samples_note" in r else ""
+            print(f"evaluate: {job.checkpoint} (step {r['checkpoint']['step']}), {r['posterior']} posterior, "
+                  f"{r['samples']} samples on {r['ranks']} ranks{note}")
+            print(f"val ({r['images']['val']} images): accuracy {r['accuracy']:.4f}  nll {r['nll']:.4f}  "
+                  f"brier {r['brier']:.4f}  ece {r['ece']:.4f}")
+            for score in ("max_prob", "entropy"):
+                d = r["ood"][score]
+                print(f"ood {r['ood']['set']} ({r['images']['ood']} images), {score} score: auroc {d['auroc']:.4f}  "
+                      f"aupr {d['aupr']:.4f}  fpr95 {d['fpr95']:.4f}")
+            print(f"wrote {', '.join(str(job.run_dir / f) for f in evaluate.FILES)}", flush=True)
     return 0
 
 
