@@ -28,7 +28,7 @@ from app.bayes.posterior import Gaussian, Point, generator_for
 from app.checkpoint import Checkpointer
 from app.data import ood
 from app.data.common import MEAN_255, PAD, STD_255, normalise
-from app.errors import DataError
+from app.errors import CheckpointError, DataError
 from app.models import build_model
 
 SPNGD = str(Path(sys.executable).parent / "spngd")
@@ -110,6 +110,14 @@ def test_accuracy_nll_brier_and_scores_by_hand() -> None:
     assert s["entropy"][0] == pytest.approx(0.8 * math.log(0.8) + 0.2 * math.log(0.2), abs=1e-12)
     certain = ev.predictive_metrics(torch.tensor([[0.0, 1.0]], dtype=torch.float64), torch.tensor([0]))
     assert math.isfinite(certain["nll"]) and certain["nll"] > 700  # floored, JSON-safe
+
+
+def test_checkpoint_without_posterior_is_point_or_dropout() -> None:
+    cpu = torch.device("cpu")
+    assert ev.posterior_of({}, config.load(None), cpu).kind == "point"
+    assert ev.posterior_of({}, config.load(None, ["model.dropout=0.2"]), cpu).kind == "dropout"
+    with pytest.raises(CheckpointError, match="posterior cannot be used"):
+        ev.posterior_of({"posterior": {"kind": "gaussian"}}, config.load(None), cpu)
 
 
 # -- OOD sets ------------------------------------------------------------------------------------------

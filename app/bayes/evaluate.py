@@ -274,5 +274,5 @@ def _plot_roc(curves: dict[str, list[np.ndarray]], detection: dict[str, dict[str
     ax.plot([0, 1], [0, 1], "--", color="grey")
     ax.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="false positive rate (OOD called in-distribution)",
            ylabel="true positive rate (in-distribution)", title=f"OOD detection: validation vs {ood_set}")
-    ax.legend(loc="lower right")
+    ax.legend(loc="best")
     _save(plt, fig, path)
