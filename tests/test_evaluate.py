@@ -218,12 +218,13 @@ def _read(run: Path) -> dict[str, Any]:
 
 def test_evaluate_a_trained_run(trained: Path, tmp_path: Path) -> None:
     run = _copy(trained, tmp_path / "run")
-    res = _python("evaluate", "--run", str(run), "--samples", "5")
+    ckpt = run / "checkpoints" / "ckpt-00000060.pt"
+    res = _python("evaluate", "--run", str(run), "--samples", "5", "--checkpoint", str(ckpt))
     assert res.returncode == 0, res.stdout + res.stderr
     report = _read(run)
     assert set(TOP) <= report.keys()
     assert report["samples"] == 1 and report["samples_requested"] == 5 and "samples_note" in report
-    assert report["posterior"] == "point" and report["checkpoint"]["step"] == 60
+    assert report["posterior"] == "point" and report["checkpoint"] == {"path": str(ckpt), "step": 60}
     assert report["images"] == {"val": 1000, "ood": 1797} and report["ood"]["set"] == "digits"
     for key in ("accuracy", "ece", "ood_auroc", "ood_aupr", "ood_fpr95"):
         assert 0.0 <= report[key] <= 1.0, key
@@ -269,14 +270,15 @@ def test_gaussian_posterior_samples_differ(trained: Path, tmp_path: Path) -> Non
 def test_samples_over_two_ranks_equal_one_rank(trained: Path, tmp_path: Path) -> None:
     skip_unless_runnable()
     one, two = _gaussian(trained, tmp_path / "one"), _gaussian(trained, tmp_path / "two")
-    res = _python("evaluate", "--run", str(one), "--samples", "4", "--ood", "rotated")
+    res = _python("evaluate", "--run", str(one), "--samples", "3", "--ood", "rotated")
     assert res.returncode == 0, res.stdout + res.stderr
-    rc, out = run_mpi(2, SPNGD, "evaluate", "--run", str(two), "--samples", "4", "--ood", "rotated", timeout=300)
+    # rank 0 takes samples 0 and 2, rank 1 sample 1
+    rc, out = run_mpi(2, SPNGD, "evaluate", "--run", str(two), "--samples", "3", "--ood", "rotated", timeout=300)
     assert rc == 0, out
     assert out.count("val (1000 images)") == 1  # the summary on rank 0 only
     a, b = _read(one), _read(two)
-    assert (a["ranks"], b["ranks"]) == (1, 2) and a["samples"] == b["samples"] == 4
-    assert len(set(a["per_sample_accuracy"])) > 1  # the four samples are not one
+    assert (a["ranks"], b["ranks"]) == (1, 2) and a["samples"] == b["samples"] == 3
+    assert len(set(a["per_sample_accuracy"])) > 1  # the three samples are not one
     # summed in another order only: float64 rounding (ECE bins in float32; AUROC ties may break anew)
     assert a["per_sample_accuracy"] == pytest.approx(b["per_sample_accuracy"], abs=1e-12)
     for key in ("accuracy", "nll", "brier", "ece", "ood_auroc", "ood_aupr", "ood_fpr95"):
