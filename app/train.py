@@ -173,7 +173,7 @@ class Trainer:
         if cfg.optim.name in config_mod.BAYESIAN_OPTIMISERS:
             self.optimizer = build_bayes_optimizer(
                 self.model, cfg, comm, train_images=self.info.train_size, global_batch=self.global_batch,
-                steps_per_epoch=self.steps_per_epoch, kfac=self.kfac)
+                steps_per_epoch=self.steps_per_epoch, total_steps=self.total_steps, kfac=self.kfac)
         else:
             self.optimizer = build_optimizer(self.model, cfg.optim, self.global_batch)
         self.sampler = self.optimizer if isinstance(self.optimizer, Sampling) else None
