@@ -66,5 +66,5 @@ def build_bayes_optimizer(model: nn.Module, cfg: Config, comm: Comm, *, train_im
     if name == "ivon":
         from app.bayes.ivon import build_ivon
 
-        return build_ivon(model, lr=lr, bayes=cfg.bayes, dataset_size=n_eff, betas=cfg.optim.betas)
+        return build_ivon(model, comm, lr=lr, bayes=cfg.bayes, dataset_size=n_eff, betas=cfg.optim.betas)
     raise ValueError(f"bayes: {name!r} is not a Bayesian optimiser")
