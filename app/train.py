@@ -331,7 +331,7 @@ class Trainer:
         """What the run's weights mean (collective): the optimiser's posterior, MC-dropout when the model
         has dropout, else the point estimate the model holds."""
         if hasattr(self.optimizer, "posterior"):
-            return self.optimizer.posterior()  # type: ignore[no-any-return]
+            return self.optimizer.posterior()
         return Dropout() if self.cfg.model.dropout > 0 else Point()
 
     def sync_batchnorm(self) -> None:
