@@ -33,6 +33,7 @@ from app.launch import World
 from app.metrics import Metrics, Summary
 from app.models import build_model
 from app.optim import build_criterion, build_momentum, build_optimizer, build_schedule
+from app.optim.averaging import TailAverage
 from app.storage import full_disk_as_error
 
 log = logging.getLogger(__name__)
@@ -172,13 +173,15 @@ class Trainer:
         if cfg.optim.name in config_mod.BAYESIAN_OPTIMISERS:
             self.optimizer = build_bayes_optimizer(
                 self.model, cfg, comm, train_images=self.info.train_size, global_batch=self.global_batch,
-                steps_per_epoch=self.steps_per_epoch, kfac=self.kfac)
+                steps_per_epoch=self.steps_per_epoch, total_steps=self.total_steps, kfac=self.kfac)
         else:
             self.optimizer = build_optimizer(self.model, cfg.optim, self.global_batch)
         self.sampler = self.optimizer if isinstance(self.optimizer, Sampling) else None
         self.schedule = build_schedule(self.optimizer, cfg.optim, self.steps_per_epoch, self.total_steps)
         self.momentum = build_momentum(self.optimizer, cfg.optim, self.schedule, self.steps_per_epoch,
                                        self.total_steps)
+        self.tail = TailAverage(self.model, cfg.optim.tail_average, self.total_steps) \
+            if cfg.optim.tail_average > 0 else None
         # VOGN averages gradients and their squares itself, in one collective
         self.averager = None if getattr(self.optimizer, "reduces_gradients", False) else \
             GradientAverager(self.model, comm, bucket_mb=cfg.comm.bucket_mb)
@@ -226,6 +229,7 @@ class Trainer:
             "scaler": self.scaler.state_dict(),
             "kfac": kfac,
             "posterior": posterior,
+            "tail_average": self.tail.state_dict() if self.tail is not None else {},
             "rng": [r[0].cpu().clone() for r in rng],  # own storage: set_rng_state needs offset 0
             "config": self.cfg.to_dict(),
         }
@@ -246,6 +250,8 @@ class Trainer:
         self.scaler.load_state_dict(state["scaler"])
         if self.kfac is not None and state["kfac"]:
             self.kfac.load_state_dict(state["kfac"])
+        if self.tail is not None and state.get("tail_average"):
+            self.tail.load_state_dict(state["tail_average"])
         if same_size:
             torch.set_rng_state(state["rng"][self.comm.rank].clone())
         self.pos.step = state["step"]
@@ -307,6 +313,8 @@ class Trainer:
         if self.kfac is not None and not getattr(self.optimizer, "calls_kfac", False):
             self.kfac.step(lr)  # noisy K-FAC calls it in its step, after adding the prior term
         self.scaler.step(self.optimizer)
+        if self.tail is not None:
+            self.tail.update(step + 1)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         return loss_sum, hits / (shares * group[0][1].shape[0])
@@ -436,6 +444,8 @@ class Trainer:
                                     step, REQUEUE_EXIT)
                     raise Requeue()
             train_time = time.monotonic() - t0
+            if self.tail is not None:
+                self.tail.apply()  # the final validation, checkpoint and posterior.pt use the average
             val = self._log_val(metrics, self.pos.step)
             self._save(ckpt)
         finally:

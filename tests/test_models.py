@@ -95,3 +95,42 @@ def test_num_classes_from_config_and_errors() -> None:
             build_model(ModelConfig(arch="cifar_resnet8", num_classes=5), 10)
         with pytest.raises(ValueError, match="unknown arch 'vgg16'"):
             build_model(ModelConfig(arch="vgg16"), 10)
+
+
+# -- MC-dropout (model.dropout) ---------------------------------------------------------------------
+@pytest.mark.parametrize("arch", ["resnet18", "cifar_resnet8"])
+def test_dropout_samples_masks_in_train_mode_only(arch: str) -> None:
+    torch.manual_seed(0)
+    cifar = arch.startswith("cifar")
+    model = build_model(ModelConfig(arch=arch, dropout=0.5, zero_init_residual=False), 10,
+                        in_channels=1 if cifar else 3)
+    x = torch.randn(4, 1 if cifar else 3, 16, 16)
+    model.eval()  # BatchNorm's batch statistics must not be what differs
+    with torch.no_grad():
+        assert torch.equal(model(x), model(x))
+        model.dropout.train()
+        first, second = model(x), model(x)
+    assert not torch.allclose(first, second)  # two masks of p = 0.5 on 512 / 64 features
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_dropout_adds_no_parameter_and_p0_no_module(arch: str) -> None:
+    with torch.device("meta"):
+        plain, dropped = resnet(arch, 10), resnet(arch, 10, dropout=0.3)
+        zero = build_model(ModelConfig(arch=arch, dropout=0.0), 10)
+    assert [(n, p.shape) for n, p in plain.named_parameters()] == \
+        [(n, p.shape) for n, p in dropped.named_parameters()]
+    assert plain.state_dict().keys() == dropped.state_dict().keys()
+    assert [n for n, _ in zero.named_modules()] == [n for n, _ in plain.named_modules()]
+    assert not any(isinstance(m, nn.Dropout) for m in zero.modules())
+    assert [(n, type(m)) for n, m in dropped.named_modules() if isinstance(m, nn.Dropout)] == [("dropout", nn.Dropout)]
+
+
+def test_dropout_state_dicts_are_interchangeable() -> None:
+    torch.manual_seed(0)
+    plain = resnet("cifar_resnet8", 10, in_channels=1).eval()
+    dropped = resnet("cifar_resnet8", 10, in_channels=1, dropout=0.2).eval()
+    dropped.load_state_dict(plain.state_dict())
+    x = torch.randn(2, 1, 12, 12)
+    with torch.no_grad():
+        assert torch.equal(plain(x), dropped(x))  # eval mode: dropout is the identity

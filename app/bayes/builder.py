@@ -40,7 +40,7 @@ def dataset_size(cfg: Config, train_images: int) -> float:
 
 
 def build_bayes_optimizer(model: nn.Module, cfg: Config, comm: Comm, *, train_images: int, global_batch: int,
-                          steps_per_epoch: int, kfac: object | None = None) -> torch.optim.Optimizer:
+                          steps_per_epoch: int, total_steps: int, kfac: object | None = None) -> torch.optim.Optimizer:
     """The configured Bayesian optimiser at the (scaled) peak lr; the schedule then owns ``lr``."""
     lr = peak_lr(cfg.optim, global_batch)
     n_eff = dataset_size(cfg, train_images)
@@ -61,9 +61,10 @@ def build_bayes_optimizer(model: nn.Module, cfg: Config, comm: Comm, *, train_im
     if name == "sgld":
         from app.bayes.sgld import SGLD
 
-        return SGLD(model, lr=lr, bayes=cfg.bayes, dataset_size=n_eff, seed=cfg.train.seed)
+        return SGLD(model, lr=lr, bayes=cfg.bayes, dataset_size=n_eff, seed=cfg.train.seed,
+                    total_steps=total_steps)
     if name == "ivon":
         from app.bayes.ivon import build_ivon
 
-        return build_ivon(model, lr=lr, bayes=cfg.bayes, dataset_size=n_eff, betas=cfg.optim.betas)
+        return build_ivon(model, comm, lr=lr, bayes=cfg.bayes, dataset_size=n_eff, betas=cfg.optim.betas)
     raise ValueError(f"bayes: {name!r} is not a Bayesian optimiser")

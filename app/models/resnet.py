@@ -87,11 +87,16 @@ class ResNet(nn.Module):
     ``maxpool`` is an identity. Shortcuts that change shape are 1x1 conv + BN projections in both
     variants (He et al.'s option B), so every parametrised layer is a conv, BN or linear that
     K-FAC can precondition.
+
+    ``dropout`` > 0 puts an ``nn.Dropout`` (no parameters) on the pooled features before ``fc``:
+    MC-dropout's one stochastic layer (``spngd evaluate`` samples its masks). At 0
+    there is no dropout module at all, so the module list and the state dict are those of the
+    plain network, and state dicts load across dropout rates.
     """
 
     def __init__(self, block: Block, layers: list[int], widths: list[int], num_classes: int,
                  in_channels: int = 3, imagenet_stem: bool = True,
-                 zero_init_residual: bool = False) -> None:
+                 zero_init_residual: bool = False, dropout: float = 0.0) -> None:
         super().__init__()
         if len(layers) != len(widths):
             raise ValueError(f"resnet: {len(layers)} stage depths for {len(widths)} stage widths")
@@ -110,6 +115,7 @@ class ResNet(nn.Module):
                                                               stride=1 if i == 0 else 2))
         self.num_stages = len(layers)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else None
         self.fc = nn.Linear(widths[-1] * block.expansion, num_classes)
         self._init_weights(zero_init_residual)
 
@@ -140,7 +146,8 @@ class ResNet(nn.Module):
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         for i in range(self.num_stages):
             x = getattr(self, f"layer{i + 1}")(x)
-        return self.fc(torch.flatten(self.avgpool(x), 1))
+        x = torch.flatten(self.avgpool(x), 1)
+        return self.fc(x if self.dropout is None else self.dropout(x))
 
 
 _IMAGENET: dict[str, tuple[Block, list[int]]] = {
@@ -155,14 +162,14 @@ ARCHS: tuple[str, ...] = (*_IMAGENET, *_CIFAR_DEPTHS)
 
 
 def resnet(arch: str, num_classes: int, in_channels: int = 3,
-           zero_init_residual: bool = False) -> ResNet:
-    """The network called ``arch`` (one of ``ARCHS``)."""
+           zero_init_residual: bool = False, dropout: float = 0.0) -> ResNet:
+    """The network called ``arch`` (one of ``ARCHS``), with dropout rate ``dropout`` before ``fc``."""
     if arch in _IMAGENET:
         block, layers = _IMAGENET[arch]
         return ResNet(block, layers, [64, 128, 256, 512], num_classes, in_channels,
-                      imagenet_stem=True, zero_init_residual=zero_init_residual)
+                      imagenet_stem=True, zero_init_residual=zero_init_residual, dropout=dropout)
     if arch in _CIFAR_DEPTHS:
         n = (_CIFAR_DEPTHS[arch] - 2) // 6
         return ResNet(BasicBlock, [n, n, n], [16, 32, 64], num_classes, in_channels,
-                      imagenet_stem=False, zero_init_residual=zero_init_residual)
+                      imagenet_stem=False, zero_init_residual=zero_init_residual, dropout=dropout)
     raise ValueError(f"model: unknown arch {arch!r} (known: {', '.join(ARCHS)})")
