@@ -308,3 +308,14 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(trained: Path, tmp_path
     _fails(capsys, "--run", str(run), "--ood", "cifar", match="unknown OOD set 'cifar'")
     _fails(capsys, "--run", str(run), "--checkpoint", str(tmp_path / "x.pt"), match="does not exist")
     assert not any((d / f).exists() for d in (bare, run) for f in ev.FILES)
+
+
+def test_roc_points_keep_the_curve_on_a_fixed_grid() -> None:
+    """eval.json's ROC points (101 FPR values, TPR interpolated): the area under them is the exact AUROC
+    to 0.01 on overlapping scores, and they start at TPR(0) and end at (1, 1)."""
+    g = np.random.default_rng(0)
+    inside, outside = g.normal(1.0, 1.0, 700), g.normal(0.0, 1.0, 500)
+    detection, fpr, tpr = ev.ood_metrics(inside, outside)
+    points = ev.roc_points(fpr, tpr)
+    assert len(points["fpr"]) == len(points["tpr"]) == 101 and points["fpr"][-1] == points["tpr"][-1] == 1.0
+    assert abs(np.trapezoid(points["tpr"], points["fpr"]) - detection["auroc"]) < 0.01

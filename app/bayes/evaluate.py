@@ -157,6 +157,13 @@ def ood_metrics(in_score: np.ndarray, out_score: np.ndarray) -> tuple[dict[str, 
              "fpr95": float(fpr[np.searchsorted(tpr, 0.95, side="left")])}, fpr, tpr)
 
 
+def roc_points(fpr: np.ndarray, tpr: np.ndarray, points: int = 101) -> dict[str, list[float]]:
+    """The ROC curve on a fixed FPR grid (TPR interpolated): small enough for eval.json, and the same grid
+    for every run, so experiments can average or overlay curves without the scores."""
+    grid = np.linspace(0.0, 1.0, points)
+    return {"fpr": grid.tolist(), "tpr": np.interp(grid, fpr, tpr).tolist()}
+
+
 def evaluate(job: Job, comm: Comm, device: torch.device) -> dict[str, Any] | None:
     """Evaluate ``job`` (collective: every rank calls it); rank 0 writes the files and gets the report."""
     cfg = job.cfg
@@ -214,6 +221,7 @@ def _report(job: Job, posterior: Posterior, samples: int, labels: Tensor, p_val:
         "ood": {"set": job.ood, "about": ood.ABOUT[job.ood], "positive": "in-distribution",
                 "max_prob": detection["max_prob"], "entropy": detection["entropy"],
                 "scores": "max_prob: the largest class probability; entropy: minus the predictive entropy"},
+        "roc": {name: roc_points(fpr, tpr) for name, (fpr, tpr) in curves.items()},
         "ece_bins": BINS,
         "per_sample_accuracy": hits.tolist(),
         "ranks": ranks,
