@@ -286,18 +286,21 @@ class Trainer:
         lr = self.schedule.set_step(step)
         if self.momentum is not None:
             self.momentum.set_step(step)
-        samples = self.grid.generators(self.device, self.cfg.train.seed, step) if self.sampler is not None else [None]
+        samples = self.grid.samples if self.sampler is not None else 1
         if self.kfac is not None:  # one fisher_backward per (micro-batch, sample) pass
-            self.kfac.begin_step(step, micro_batches=len(group) * len(samples), loss_scale=loss_scale(self.scaler))
+            self.kfac.begin_step(step, micro_batches=len(group) * samples, loss_scale=loss_scale(self.scaler))
         loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
         hits = torch.zeros((), device=self.device, dtype=torch.float64)
-        shares = self.accum * len(samples)  # (micro-batch, sample) pairs the step's gradient averages over
+        shares = self.accum * samples  # (micro-batch, sample) pairs the step's gradient averages over
         for i, (x, y) in enumerate(group):
             x = x.to(self.dtype)
             if self.cfg.model.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            for k, generator in enumerate(samples):
-                last = i == len(group) - 1 and k == len(samples) - 1
+            # fresh generators per micro-batch: sample j of the step is the same weights in every micro-batch
+            generators = self.grid.generators(self.device, self.cfg.train.seed, step) if self.sampler is not None \
+                else [None]
+            for k, generator in enumerate(generators):
+                last = i == len(group) - 1 and k == samples - 1
                 with self._sync(last), self._sampled(generator):
                     with autocast_for(self.cfg, self.device):
                         out = self.model(x)

@@ -201,3 +201,28 @@ WORKER = REPO / "tests" / "mpi" / "bayes_worker.py"
 def test_n_ranks_one_sample_equal_one_rank_n_samples(backend: str, np: int) -> None:
     """``spngd train``'s Trainer: np ranks in np sample groups x 1 sample == 1 rank x np samples."""
     run_check_worker(WORKER, backend, np, timeout=300)
+
+
+def test_one_sample_spans_every_micro_batch_of_a_step(tmp_path: Any) -> None:
+    """Regression: the trainer reused each sample's generator across micro-batches, so with
+    optim.grad_accum=2 the second micro-batch ran at other weights than the first. Now the weights a
+    step's forwards see are the same for both micro-batches, and differ between steps and samples."""
+    from app import config, launch
+    from app.train import Trainer
+
+    cfg = config.load(REPO / "configs" / "smoke.yaml", ["optim.name=vogn", "optim.lr=0.01", "optim.grad_accum=2",
+                                                        "bayes.samples=2", "train.max_steps=2", "data.batch_size=8",
+                                                        f"output.dir={tmp_path}"])
+    single = launch.World(rank=0, size=1, local_rank=0, local_size=1, launcher="single")
+    trainer = Trainer(cfg, single, ThreadComm(ThreadWorld(1), 0), torch.device("cpu"))
+    seen: list[Tensor] = []
+    first = next(trainer.model.parameters())
+    hook = trainer.model.register_forward_pre_hook(lambda m, i: seen.append(first.detach().clone()))
+    for _ in trainer.steps():
+        pass
+    hook.remove()
+    assert len(seen) == 8  # 2 steps x 2 micro-batches x 2 samples, in micro-batch-major order
+    for step in (0, 4):
+        assert torch.equal(seen[step], seen[step + 2]) and torch.equal(seen[step + 1], seen[step + 3])
+        assert not torch.equal(seen[step], seen[step + 1])
+    assert not torch.equal(seen[0], seen[4])
