@@ -42,11 +42,11 @@ METHODS: dict[str, tuple[str, ...]] = {
     "adam": (*DATA_PARALLEL, "optim.name=adam", "optim.lr=0.002", "optim.weight_decay=5e-4"),
     "mc_dropout": (*DATA_PARALLEL, "optim.name=adam", "optim.lr=0.002", "optim.weight_decay=5e-4",
                    "model.dropout=0.3"),
-    "sgld": (*DATA_PARALLEL, "optim.name=sgld", "optim.lr=0.05", "bayes.ensemble_size=16"),
+    "sgld": (*DATA_PARALLEL, "optim.name=sgld", "optim.lr=0.5", "bayes.ensemble_size=16"),  # no momentum
     "vogn": (),  # the config as it is
     "noisy_kfac": ("optim.name=noisy_kfac", "optim.lr=0.05", "bayes.tempering=0.01", "kfac.damping=0.003",
                    "kfac.kl_clip=0.001"),
-    "ivon": ("optim.name=ivon", "optim.lr=0.1", "bayes.init_precision=0.1"),
+    "ivon": ("optim.name=ivon", "optim.lr=0.5", "bayes.init_precision=0.1"),
 }
 COLUMNS = ("accuracy", "nll", "ece", "ood_auroc", "epoch_time_ratio")
 
@@ -148,7 +148,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--methods", default=",".join(METHODS), type=_methods)
     parser.add_argument("--epochs", type=float, default=5.0)
     parser.add_argument("--samples", type=int, default=16, help="posterior samples of spngd evaluate")
-    parser.add_argument("--ood", default="digits", help="OOD set of spngd evaluate")
+    parser.add_argument("--ood", default="rotated", help="OOD set of spngd evaluate (rotated: MNIST turned 90 "
+                        "degrees; sklearn's digits resized to 28 px are blurred digits a net is sure of)")
     parser.add_argument("--mpirun", default="mpirun --oversubscribe --bind-to none", help="launcher command")
     parser.add_argument("--reuse", action="store_true", help="keep runs that already have eval.json")
     args = parser.parse_args(argv)
