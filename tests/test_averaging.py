@@ -3,15 +3,14 @@ the model at the end of ``Trainer.run``, resumed exactly, and nothing at all whe
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
-from mpi_helpers import REPO
+from testlib import smoke_trainer
 from torch import Tensor, nn
 
-from app import config, launch
+from app import launch
 from app.checkpoint import Checkpointer
 from app.comm import Comm
 from app.optim.averaging import TailAverage
@@ -50,18 +49,6 @@ def test_short_tail_keeps_at_least_the_last_step() -> None:
         TailAverage(model, 0.0, total_steps=10)
 
 
-@pytest.fixture(scope="module")
-def world() -> Iterator[tuple[launch.World, Comm]]:
-    found = launch.discover()
-    comm = launch.init_comm(found, config.CommConfig(), torch.device("cpu"))
-    yield found, comm
-    comm.shutdown()
-
-
-def _trainer(world: tuple[launch.World, Comm], tmp: Path, *overrides: str) -> Trainer:
-    torch.set_num_threads(1)
-    cfg = config.load(REPO / "configs" / "smoke.yaml", [*SETTINGS, f"output.dir={tmp}", *overrides])
-    return Trainer(cfg, world[0], world[1], torch.device("cpu"))
 
 
 def _params(trainer: Trainer) -> dict[str, Tensor]:
@@ -69,7 +56,7 @@ def _params(trainer: Trainer) -> dict[str, Tensor]:
 
 
 def test_trainer_averages_the_tail_and_ends_on_it(world: tuple[launch.World, Comm], tmp_path: Path) -> None:
-    trainer = _trainer(world, tmp_path, "optim.tail_average=0.5")
+    trainer = smoke_trainer(world, tmp_path, *SETTINGS, "optim.tail_average=0.5")
     after = [_params(trainer) for _ in trainer.steps()]
     assert trainer.tail is not None and trainer.tail.count == 3
     for k, avg in trainer.tail.average.items():
@@ -87,17 +74,17 @@ def test_trainer_averages_the_tail_and_ends_on_it(world: tuple[launch.World, Com
 
 
 def test_resume_mid_tail_is_exact(world: tuple[launch.World, Comm], tmp_path: Path) -> None:
-    straight = _trainer(world, tmp_path, "optim.tail_average=0.5")
+    straight = smoke_trainer(world, tmp_path, *SETTINGS, "optim.tail_average=0.5")
     for _ in straight.steps():
         pass
-    first = _trainer(world, tmp_path, "optim.tail_average=0.5")
+    first = smoke_trainer(world, tmp_path, *SETTINGS, "optim.tail_average=0.5")
     for i, _ in enumerate(first.steps()):
         if i == 4:  # 5 of 6 steps done: 2 of the tail's 3 averaged
             break
     assert first.tail is not None and first.tail.count == 2
     state = first.state_dict()
     assert state is not None
-    resumed = _trainer(world, tmp_path, "optim.tail_average=0.5")
+    resumed = smoke_trainer(world, tmp_path, *SETTINGS, "optim.tail_average=0.5")
     resumed.load_state_dict(state)
     for _ in resumed.steps():
         pass
@@ -106,7 +93,7 @@ def test_resume_mid_tail_is_exact(world: tuple[launch.World, Comm], tmp_path: Pa
 
 
 def test_off_by_default_changes_nothing(world: tuple[launch.World, Comm], tmp_path: Path) -> None:
-    trainer = _trainer(world, tmp_path)
+    trainer = smoke_trainer(world, tmp_path, *SETTINGS)
     assert trainer.cfg.optim.tail_average == 0 and trainer.tail is None
     for _ in trainer.steps():
         pass

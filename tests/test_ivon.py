@@ -4,7 +4,6 @@ posterior, an exact resume, the trainer's path, and (mpirun) data x sample ranks
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
 from pathlib import Path
 
 import ivon
@@ -25,13 +24,6 @@ from app.train import Trainer
 BAYES = BayesConfig(prior_variance=2.0, tempering=0.5, init_precision=0.5)
 N_EFF, LR, BETAS, SEED = 100.0, 0.05, [0.9, 0.99], 11
 
-
-@pytest.fixture(scope="module")
-def world() -> Iterator[tuple[launch.World, Comm]]:
-    found = launch.discover()
-    comm = launch.init_comm(found, config.CommConfig(), torch.device("cpu"))
-    yield found, comm
-    comm.shutdown()
 
 
 def _model() -> nn.Module:

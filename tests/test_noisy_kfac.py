@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from mpi_helpers import REPO, run_mpi, skip_unless_runnable
+from testlib import smoke_trainer
 from torch import Tensor, nn
 
 from app import config, launch
@@ -26,7 +27,7 @@ from app.comm import Comm
 from app.config import BayesConfig, KFACConfig
 from app.errors import ConfigError
 from app.kfac import KFAC
-from app.train import Trainer, train
+from app.train import train
 
 DRAWS = 20_000
 SIGMAS = 5.0  # per-entry bound in standard errors: a false failure among ~100 entries has p < 1e-4
@@ -247,18 +248,6 @@ def test_configs_it_cannot_sample_are_refused_in_one_line(override: str, words: 
 RUN = ["optim.name=noisy_kfac", "data.workers=0", "bayes.tempering=0.1", "output.plot=false"]
 
 
-@pytest.fixture(scope="module")
-def world() -> Iterator[tuple[launch.World, Comm]]:
-    found = launch.discover()
-    comm = launch.init_comm(found, config.CommConfig(), torch.device("cpu"))
-    yield found, comm
-    comm.shutdown()
-
-
-def _trainer(world: tuple[launch.World, Comm], tmp: Path, *overrides: str) -> Trainer:
-    torch.set_num_threads(1)
-    cfg = config.load(REPO / "configs" / "smoke.yaml", [*RUN, f"output.dir={tmp}", *overrides])
-    return Trainer(cfg, world[0], world[1], torch.device("cpu"))
 
 
 def test_short_run_trains_and_writes_a_matrix_normal_posterior(world: tuple[launch.World, Comm],
@@ -277,16 +266,16 @@ def test_short_run_trains_and_writes_a_matrix_normal_posterior(world: tuple[laun
 
 
 def test_resume_draws_and_steps_as_the_uninterrupted_run(world: tuple[launch.World, Comm], tmp_path: Path) -> None:
-    straight = _trainer(world, tmp_path, "train.max_steps=6")
+    straight = smoke_trainer(world, tmp_path, *RUN, "train.max_steps=6")
     for _ in straight.steps():
         pass
-    first = _trainer(world, tmp_path, "train.max_steps=6")
+    first = smoke_trainer(world, tmp_path, *RUN, "train.max_steps=6")
     steps = first.steps()
     for _ in range(3):
         next(steps)
     state = first.state_dict()
     assert state is not None
-    second = _trainer(world, tmp_path, "train.max_steps=6")
+    second = smoke_trainer(world, tmp_path, *RUN, "train.max_steps=6")
     second.load_state_dict(state)
     for _ in second.steps():
         pass
@@ -310,7 +299,7 @@ def test_two_ranks_keep_equal_replicas_and_match_one_rank(world: tuple[launch.Wo
                                 "NOISY_KFAC_SET": " ".join([*RUN, *WORKER_RUN, f"output.dir={tmp_path}"])})
     assert rc == 0 and "ALL OK backend=torch np=2" in text, text[-4000:]
     two = torch.load(out, weights_only=True)
-    one = _trainer(world, tmp_path, *WORKER_RUN, "bayes.samples=2")
+    one = smoke_trainer(world, tmp_path, *RUN, *WORKER_RUN, "bayes.samples=2")
     for _ in one.steps():
         pass
     params = torch.cat([p.detach().reshape(-1) for p in one.model.parameters()])

@@ -4,12 +4,12 @@ their one-line errors, where K-FAC and the optimisers use them, and exact resume
 from __future__ import annotations
 
 import csv
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 from test_kfac import data, net, train_step
+from testlib import smoke_trainer
 from torch import Tensor, nn
 
 from app import config, launch
@@ -244,19 +244,6 @@ SCHEDULES = [
 ]
 
 
-@pytest.fixture(scope="module")
-def world() -> Iterator[tuple[launch.World, Comm]]:
-    """One process, one communicator for every trainer of this module (the library starts once)."""
-    found = launch.discover()
-    comm = launch.init_comm(found, config.CommConfig(), torch.device("cpu"))
-    yield found, comm
-    comm.shutdown()
-
-
-def _trainer(world: tuple[launch.World, Comm], tmp: Path, *overrides: str) -> Trainer:
-    torch.set_num_threads(1)
-    cfg = config.load(REPO / "configs" / "smoke.yaml", [*SCHEDULES, f"output.dir={tmp}", *overrides])
-    return Trainer(cfg, world[0], world[1], torch.device("cpu"))
 
 
 def _weights(trainer: Trainer) -> list[Tensor]:
@@ -264,28 +251,29 @@ def _weights(trainer: Trainer) -> list[Tensor]:
 
 
 def test_resume_mid_schedule_equals_uninterrupted(world: tuple[launch.World, Comm], tmp_path: Path) -> None:
-    straight = _trainer(world, tmp_path)
+    straight = smoke_trainer(world, tmp_path, *SCHEDULES)
     for _ in straight.steps():
         pass
-    first = _trainer(world, tmp_path)
+    first = smoke_trainer(world, tmp_path, *SCHEDULES)
     for i, _ in enumerate(first.steps()):
         if i == 2:  # stopped after 3 of 6 steps: between inverse refreshes, mid-way through every schedule
             break
     state = first.state_dict()
-    resumed = _trainer(world, tmp_path)
+    resumed = smoke_trainer(world, tmp_path, *SCHEDULES)
     resumed.load_state_dict(state)
     assert resumed.pos.step == 3
     for _ in resumed.steps():
         pass
     assert all(torch.equal(a, b) for a, b in zip(_weights(straight), _weights(resumed), strict=True))
-    different = _trainer(world, tmp_path, "kfac.damping.end=1e-4")  # the schedules matter: another one trains elsewhere
+    # the schedules matter: another one trains elsewhere
+    different = smoke_trainer(world, tmp_path, *SCHEDULES, "kfac.damping.end=1e-4")
     for _ in different.steps():
         pass
     assert not all(torch.equal(a, b) for a, b in zip(_weights(straight), _weights(different), strict=True))
 
 
 def test_metrics_show_the_values_in_force(world: tuple[launch.World, Comm], tmp_path: Path) -> None:
-    trainer = _trainer(world, tmp_path, "output.plot=false")
+    trainer = smoke_trainer(world, tmp_path, *SCHEDULES, "output.plot=false")
     (tmp_path / "run").mkdir()
     trainer.run(tmp_path / "run")
     with open(tmp_path / "run" / "metrics.csv") as f:

@@ -125,13 +125,6 @@ def test_state_dict_round_trip_resumes_exactly() -> None:
     assert torch.equal(ours[-1]["theta"], straight.theta)  # the last step is the last member
 
 
-@pytest.fixture(scope="module")
-def world() -> Iterator[tuple[launch.World, Comm]]:
-    found = launch.discover()
-    comm = launch.init_comm(found, config.CommConfig(), torch.device("cpu"))
-    yield found, comm
-    comm.shutdown()
-
 
 def test_trainer_runs_sgld_to_an_ensemble(world: tuple[launch.World, Comm], tmp_path: Path) -> None:
     torch.set_num_threads(1)

@@ -8,6 +8,7 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import pytest
 import torch
@@ -49,3 +50,13 @@ def tmpfs(mnt: Path, options: str) -> Iterator[Path]:
         yield mnt
     finally:
         subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def smoke_trainer(world: tuple[Any, Any], tmp: Path, *overrides: str) -> Any:
+    """A one-process ``Trainer`` of configs/smoke.yaml with ``overrides``, writing under ``tmp``."""
+    from app import config
+    from app.train import Trainer
+
+    torch.set_num_threads(1)
+    cfg = config.load(REPO / "configs" / "smoke.yaml", [*overrides, f"output.dir={tmp}"])
+    return Trainer(cfg, world[0], world[1], torch.device("cpu"))
