@@ -123,6 +123,8 @@ class Case:
                f"optim.preconditioner={'kfac' if self.optim == 'kfac' else 'none'}"]
         if self.optim not in ("sgd", "kfac"):  # sgd and kfac keep the base configuration's optim.name
             out.append(f"optim.name={self.optim}")
+        if self.optim not in config_mod.SAMPLING_OPTIMISERS:  # --set bayes.samples=K is for the sampling rows
+            out.append("bayes.samples=1")
         if self.optim in INTERVAL_OPTIMS:
             out += [f"kfac.factor_interval={self.factor_interval}", f"kfac.inverse_interval={self.inverse_interval}"]
         return out
