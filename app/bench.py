@@ -1,4 +1,12 @@
-"""``spngd bench``: time SGD and K-FAC training steps on synthetic data, one process, one device.
+"""``spngd bench``: time SGD, K-FAC, Adam, VOGN and noisy K-FAC training steps on synthetic data, one
+process, one device.
+
+The Bayesian optimisers (vogn, noisy_kfac) are built by ``build_bayes_optimizer`` as the trainer builds
+them and stepped through ``app.train.sample_passes``: ``bayes.samples`` forward/backward passes per step
+at sampled weights (``--set bayes.samples=K``; the other rows run at 1), K-FAC told as many micro-batches,
+and ``KFAC.step`` left to noisy K-FAC's own ``step``. Their phases are only ``forward_backward`` (with the
+sampling and, for noisy K-FAC, the factor capture) and ``optimizer`` (for noisy K-FAC including all of
+its K-FAC step, over the instrumented steps' mix of factor/inverse updates).
 
 Every case of the cross product (model x batch x precision x layout x optimiser x intervals) is
 built the way ``app.train`` builds a run (``build_loaders`` with the synthetic backend,
