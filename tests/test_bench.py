@@ -124,7 +124,8 @@ def test_bayesian_optimiser_rows(tmp_path: Path) -> None:
     sgd = rows[0]
     for r in rows:
         assert set(r) == ROW_KEYS and list(r["phases"]) == list(bench.PHASES)
-        assert r["ratio_to_sgd"] == pytest.approx(r["ms_per_step"] / sgd["ms_per_step"], rel=1e-3)
+        # the ratio is rounded to 3 decimals: 5e-4 absolute, however small it is
+        assert r["ratio_to_sgd"] == pytest.approx(r["ms_per_step"] / sgd["ms_per_step"], rel=1e-3, abs=6e-4)
         assert r["ms_per_step"] > 0.0 and r["peak_mem_gib"] > 0.0
         # no probe splits K-FAC's phases for these: fwd+bwd (with the sampling) and the optimiser only
         assert r["phases"]["factor_stats"] == r["phases"]["inversion"] == r["phases"]["preconditioning"] == 0.0
