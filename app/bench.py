@@ -1,4 +1,12 @@
-"""``spngd bench``: time SGD and K-FAC training steps on synthetic data, one process, one device.
+"""``spngd bench``: time SGD, K-FAC, Adam, VOGN and noisy K-FAC training steps on synthetic data, one
+process, one device.
+
+The Bayesian optimisers (vogn, noisy_kfac) are built by ``build_bayes_optimizer`` as the trainer builds
+them and stepped through ``app.train.sample_passes``: ``bayes.samples`` forward/backward passes per step
+at sampled weights (``--set bayes.samples=K``; the other rows run at 1), K-FAC told as many micro-batches,
+and ``KFAC.step`` left to noisy K-FAC's own ``step``. Their phases are only ``forward_backward`` (with the
+sampling and, for noisy K-FAC, the factor capture) and ``optimizer`` (for noisy K-FAC including all of
+its K-FAC step, over the instrumented steps' mix of factor/inverse updates).
 
 Every case of the cross product (model x batch x precision x layout x optimiser x intervals) is
 built the way ``app.train`` builds a run (``build_loaders`` with the synthetic backend,
@@ -52,7 +60,7 @@ import shlex
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from statistics import fmean
 from typing import Any
@@ -62,16 +70,20 @@ from torch import Tensor, nn
 
 from app import config as config_mod
 from app import launch
-from app.config import Config, ModelConfig, TrainConfig
+from app.bayes.builder import Sampling, build_bayes_optimizer
+from app.bayes.grid import SampleGrid
+from app.comm import Comm
+from app.config import CommConfig, Config, ModelConfig, TrainConfig
 from app.data import build_loaders
 from app.errors import UserError
 from app.kfac import KFAC
 from app.models import build_model
 from app.optim import build_criterion, build_optimizer
-from app.train import autocast_for, loss_precision, loss_scale
+from app.train import autocast_for, loss_precision, loss_scale, sample_passes
 
 PHASES = ("forward_backward", "factor_stats", "inversion", "preconditioning", "optimizer")
-OPTIMS = ("sgd", "kfac")
+OPTIMS = ("sgd", "kfac", "adam", "vogn", "noisy_kfac")
+INTERVAL_OPTIMS = ("kfac", "noisy_kfac")  # crossed with the K-FAC intervals
 PROBE_FACTOR_INTERVAL, PROBE_INVERSE_INTERVAL = 2, 4
 BENCH_LR = 1e-5
 """The default ``optim.lr`` (``--set`` changes it): timing does not depend on it, but training one
@@ -101,7 +113,7 @@ class Case:
 
     @property
     def label(self) -> str:
-        intervals = f" {self.factor_interval}/{self.inverse_interval}" if self.optim == "kfac" else ""
+        intervals = f" {self.factor_interval}/{self.inverse_interval}" if self.optim in INTERVAL_OPTIMS else ""
         return (f"{self.model} batch={self.batch} {self.precision} {'NHWC' if self.channels_last else 'NCHW'} "
                 f"{self.optim}{intervals}")
 
@@ -117,7 +129,11 @@ class Case:
                f"data.synthetic_samples={self.batch}", f"data.synthetic_classes={classes}",
                f"train.precision={self.precision}", f"model.channels_last={self.channels_last}",
                f"optim.preconditioner={'kfac' if self.optim == 'kfac' else 'none'}"]
-        if self.optim == "kfac":
+        if self.optim not in ("sgd", "kfac"):  # sgd and kfac keep the base configuration's optim.name
+            out.append(f"optim.name={self.optim}")
+        if self.optim not in config_mod.SAMPLING_OPTIMISERS:  # --set bayes.samples=K is for the sampling rows
+            out.append("bayes.samples=1")
+        if self.optim in INTERVAL_OPTIMS:
             out += [f"kfac.factor_interval={self.factor_interval}", f"kfac.inverse_interval={self.inverse_interval}"]
         return out
 
@@ -191,18 +207,19 @@ def plan(args: Options) -> list[tuple[Case, Config]]:
     factor = _ints("--factor-interval", args.factor_interval)
     inverse = _ints("--inverse-interval", args.inverse_interval)
     intervals = [(f, i) for f in factor for i in inverse if i % f == 0]
-    if "kfac" in optims and not intervals:
+    if set(INTERVAL_OPTIMS) & set(optims) and not intervals:
         raise UserError(f"bench: no --inverse-interval ({args.inverse_interval}) is a multiple of a "
                         f"--factor-interval ({args.factor_interval})")
     cases: list[Case] = []
     for group in itertools.product(models, batches, precisions, layouts):
         if "sgd" in optims:
             cases.append(Case(*group, "sgd"))
-        if "kfac" in optims:
-            cases += [Case(*group, "kfac", f, i) for f, i in intervals]
+        for optim in optims[1:] if "sgd" in optims else optims:
+            cases += [Case(*group, optim, f, i) for f, i in intervals] if optim in INTERVAL_OPTIMS \
+                else [Case(*group, optim)]
     base = [f"optim.lr={BENCH_LR}", *args.overrides]
     planned = [(c, config_mod.load(args.config, [*base, *c.overrides(args.image_size, args.classes)])) for c in cases]
-    if any(cfg.kfac.adaptive_lambda > 0 for c, cfg in planned if c.optim == "kfac"):
+    if any(cfg.kfac.adaptive_lambda > 0 for c, cfg in planned if c.optim in INTERVAL_OPTIMS):
         raise UserError("bench: kfac.adaptive_lambda > 0 is not supported (its per-layer intervals cannot be "
                         "amortised into phases); time fixed --factor-interval/--inverse-interval instead")
     return planned
@@ -222,10 +239,18 @@ class _Run:
     x: Tensor
     y: Tensor
     device: torch.device
+    sampler: Sampling | None
+    grid: SampleGrid
+
+    @property
+    def samples(self) -> int:
+        """Forward/backward passes per step: ``bayes.samples`` for a sampling optimiser, else 1."""
+        return self.grid.samples if self.sampler is not None else 1
 
     @classmethod
     def build(cls, cfg: Config, device: torch.device) -> _Run:
-        """Built as ``app.train.Trainer`` builds a single-process run (same seed, same builders)."""
+        """Built as ``app.train.Trainer`` builds a single-process run (same seed, same builders; the Bayesian
+        optimisers see the synthetic batch as their whole dataset, which changes their values, not their cost)."""
         torch.manual_seed(cfg.train.seed)
         dtype = getattr(torch, cfg.train.dtype)
         loader, _, info = build_loaders(cfg, 0, 1, device, seed=cfg.train.seed)
@@ -234,23 +259,36 @@ class _Run:
         if cfg.model.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         model = build_model(cfg.model, info.num_classes, in_channels=info.channels).to(device=device, dtype=dtype)
-        kfac = KFAC(model, cfg.kfac) if cfg.optim.preconditioner == "kfac" else None
-        return cls(cfg, model, build_optimizer(model, cfg.optim, cfg.data.batch_size), build_criterion(cfg.optim),
-                   torch.amp.GradScaler(device.type, enabled=cfg.train.precision == "fp16"), kfac, x, y, device)
+        kfac = KFAC(model, cfg.kfac) if cfg.optim.preconditioner == "kfac" or cfg.optim.name == "noisy_kfac" \
+            else None
+        optimizer: torch.optim.Optimizer
+        if cfg.optim.name in config_mod.BAYESIAN_OPTIMISERS:
+            optimizer = build_bayes_optimizer(model, cfg, _one_process_comm(device), train_images=info.train_size,
+                                              global_batch=cfg.data.batch_size, steps_per_epoch=1, total_steps=1,
+                                              kfac=kfac)
+        else:
+            optimizer = build_optimizer(model, cfg.optim, cfg.data.batch_size)
+        return cls(cfg, model, optimizer, build_criterion(cfg.optim),
+                   torch.amp.GradScaler(device.type, enabled=cfg.train.precision == "fp16"), kfac, x, y, device,
+                   optimizer if isinstance(optimizer, Sampling) else None,
+                   SampleGrid(1, 0, cfg.bayes.mc_groups, cfg.bayes.samples))
 
     def step(self, step: int, lap: Lap = _no_lap) -> None:
-        """``Trainer._train_step`` for one micro-batch and one rank; ``lap`` marks the phase ends."""
+        """``Trainer._train_step`` for one micro-batch and one rank (its weight samples through the same
+        ``sample_passes``); ``lap`` marks the phase ends."""
         if self.kfac is not None:
-            self.kfac.begin_step(step, loss_scale=loss_scale(self.scaler))
-        with autocast_for(self.cfg, self.device):
-            out = self.model(self.x)
-            loss = self.criterion(loss_precision(out), self.y)
-        if self.kfac is not None:
-            self.kfac.fisher_backward(out)
-        self.scaler.scale(loss).backward()
+            self.kfac.begin_step(step, micro_batches=self.samples, loss_scale=loss_scale(self.scaler))
+        for sampled in sample_passes(self.sampler, self.grid, self.device, self.cfg.train.seed, step):
+            with sampled:
+                with autocast_for(self.cfg, self.device):
+                    out = self.model(self.x)
+                    loss = self.criterion(loss_precision(out), self.y) / self.samples
+                if self.kfac is not None:
+                    self.kfac.fisher_backward(out)
+                self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.optimizer)
         lap("forward_backward")
-        if self.kfac is not None:
+        if self.kfac is not None and not getattr(self.optimizer, "calls_kfac", False):
             self.kfac.step(self.optimizer.param_groups[0]["lr"])
         lap("kfac")
         self.scaler.step(self.optimizer)
@@ -288,6 +326,16 @@ class _Run:
             self.step(s, lap)
             out.append(times)
         return out
+
+
+def _one_process_comm(device: torch.device) -> Comm:
+    """The world of this one process, for the Bayesian optimisers' constructors (at one rank they run no
+    collective); the process group is started once and reused by later cases."""
+    if torch.distributed.is_initialized():
+        from app.comm.torch_backend import TorchComm
+
+        return TorchComm(device, timedelta(seconds=CommConfig().timeout_s))
+    return launch.init_comm(launch.World(0, 1, 0, 1, "single"), CommConfig(backend="torch"), device)
 
 
 def amortised_phases(laps: Sequence[dict[str, float]], first_step: int, factor_interval: int,
@@ -380,7 +428,7 @@ def measure(case: Case, cfg: Config, device: torch.device, steps: int, warmup: i
         if fallbacks:
             log.warning("bench: warning: %s took K-FAC fallback paths during timing, so its times are not "
                         "representative (diverged? lower --set optim.lr): %s", case.label, fallbacks)
-    phase_s = _phase_seconds(run, cfg, steps)
+    phase_s = _phase_seconds(run, cfg, steps, warmup + timed)
     del run  # before case_gib: the CPU figure subtracts what remains afterwards
     peak_gib = memory.case_gib(peak)
     return {"model": case.model, "batch": case.batch, "precision": case.precision,
@@ -393,11 +441,14 @@ def measure(case: Case, cfg: Config, device: torch.device, steps: int, warmup: i
             "ratio_to_sgd": None, "timed_steps": timed}
 
 
-def _phase_seconds(run: _Run, cfg: Config, steps: int) -> dict[str, float]:
-    """The instrumented pass, after the headline one (so the model is warm)."""
+def _phase_seconds(run: _Run, cfg: Config, steps: int, next_step: int) -> dict[str, float]:
+    """The instrumented pass, after the headline one (so the model is warm). Noisy K-FAC calls its
+    ``KFAC.step`` inside ``optimizer.step()`` and holds that KFAC, so no probe can stand in for it: its
+    ``optimizer`` phase includes all of K-FAC's step (factors, inversion, preconditioning, over the steps
+    ``next_step`` on) and ``forward_backward`` the sampling and the factor capture."""
     n = PROBE_INVERSE_INTERVAL * max(1, min(MAX_PROBE_CYCLES, steps // PROBE_INVERSE_INTERVAL))
-    if run.kfac is None:
-        laps = run.laps(range(n))
+    if run.kfac is None or getattr(run.optimizer, "calls_kfac", False):
+        laps = run.laps(range(next_step, next_step + n))
         return {"forward_backward": fmean(t["forward_backward"] for t in laps),
                 "factor_stats": 0.0, "inversion": 0.0, "preconditioning": 0.0,
                 "optimizer": fmean(t["kfac"] + t["optimizer"] for t in laps)}
@@ -428,7 +479,7 @@ def table(rows: Sequence[dict[str, Any]]) -> str:
             "K-FAC MiB", "x SGD", "fwd+bwd", "factors", "inverse", "precond", "optimizer"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        intervals = "-" if r["optim"] == "sgd" else f"{r['factor_interval']}/{r['inverse_interval']}"
+        intervals = "-" if r["factor_interval"] is None else f"{r['factor_interval']}/{r['inverse_interval']}"
         cells = [r["model"], str(r["batch"]), r["precision"], "NHWC" if r["channels_last"] else "NCHW", r["optim"],
                  intervals, f"{r['ms_per_step']:.1f}", f"{r['img_per_s']:.1f}", _fmt(r["peak_mem_gib"], ".3f"),
                  _fmt(r.get("kfac_mem_mib"), ".1f"), _fmt(r["ratio_to_sgd"], ".2f"),

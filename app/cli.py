@@ -172,7 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--precision", default="fp32", metavar="LIST", help="fp32, bf16, fp16 autocast (default fp32)")
     bench.add_argument("--channels-last", default="off", metavar="LIST", help="on and/or off (default off)")
     bench.add_argument("--optim", default="sgd,kfac", metavar="LIST",
-                       help="sgd (optim.name without preconditioner) and/or kfac (default sgd,kfac)")
+                       help="sgd (optim.name without preconditioner), kfac, adam, vogn, noisy_kfac (default "
+                       "sgd,kfac); each row's ratio_to_sgd is against the sgd row of the same case")
     bench.add_argument("--factor-interval", default="1", metavar="LIST", help="K-FAC factor intervals (default 1)")
     bench.add_argument("--inverse-interval", default="1", metavar="LIST",
                        help="K-FAC inverse intervals (default 1); pairs that are not a multiple of the factor "

@@ -124,6 +124,19 @@ def loss_precision(out: torch.Tensor) -> torch.Tensor:
     return out.to(torch.promote_types(out.dtype, torch.float32))
 
 
+def sample_passes(sampler: Sampling | None, grid: SampleGrid, device: torch.device, seed: int,
+                  step: int) -> Iterator[AbstractContextManager[None]]:
+    """One micro-batch's forward/backward contexts at ``step``: one per weight sample of this rank, or one
+    no-op for a point-estimate optimiser. Fresh generators on every call, so sample j is the same weights
+    in every micro-batch of the step; each context is made only once the previous one has exited.
+    ``spngd bench`` steps through this too, so it times what training runs."""
+    if sampler is None:
+        yield nullcontext()
+        return
+    for generator in grid.generators(device, seed, step):
+        yield sampler.sampled_params(generator)
+
+
 def _accuracy_counts(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(top-1 hits, top-5 hits, valid count), ignoring padded entries (label -1)."""
     valid = labels >= 0
@@ -296,12 +309,9 @@ class Trainer:
             x = x.to(self.dtype)
             if self.cfg.model.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            # fresh generators per micro-batch: sample j of the step is the same weights in every micro-batch
-            generators = self.grid.generators(self.device, self.cfg.train.seed, step) if self.sampler is not None \
-                else [None]
-            for k, generator in enumerate(generators):
+            for k, sampled in enumerate(sample_passes(self.sampler, self.grid, self.device, self.cfg.train.seed, step)):
                 last = i == len(group) - 1 and k == samples - 1
-                with self._sync(last), self._sampled(generator):
+                with self._sync(last), sampled:
                     with autocast_for(self.cfg, self.device):
                         out = self.model(x)
                         loss = self.criterion(loss_precision(out), y) / shares
@@ -324,12 +334,6 @@ class Trainer:
 
     def _sync(self, last: bool) -> AbstractContextManager[None]:
         return self.averager.sync(last) if self.averager is not None else nullcontext()
-
-    def _sampled(self, generator: torch.Generator | None) -> AbstractContextManager[None]:
-        """The forward/backward of one weight sample (no-op for a point-estimate optimiser)."""
-        if self.sampler is None or generator is None:
-            return nullcontext()
-        return self.sampler.sampled_params(generator)
 
     def posterior(self) -> Posterior:
         """What the run's weights mean (collective): the optimiser's posterior, MC-dropout when the model

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from app import bench
 from app.cli import build_parser, fill, main
@@ -108,3 +109,46 @@ def test_bad_input_is_one_line_exit_2(argv: list[str], message: str, capsys: pyt
     assert main(["bench", "--model", "cifar_resnet8", *argv]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith(f"spngd: error: {message}"), err
+
+
+def test_bayesian_optimiser_rows(tmp_path: Path) -> None:
+    """adam, vogn and noisy_kfac rows: built and stepped as training does (two weight samples, so the sampled
+    passes and K-FAC's micro-batch count are exercised), ratio to the SGD row, memory, the phases they have."""
+    out = tmp_path / "results.json"
+    assert main(["bench", "--model", "cifar_resnet8", "--image-size", "8", "--batch", "4", "--classes", "3",
+                 "--optim", "noisy_kfac,vogn,adam,sgd", "--steps", "2", "--warmup", "1", "--device", "cpu",
+                 "--set", "bayes.samples=2", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["optim"], r["factor_interval"]) for r in rows] == [("sgd", None), ("adam", None), ("vogn", None),
+                                                                  ("noisy_kfac", 1)]
+    sgd = rows[0]
+    for r in rows:
+        assert set(r) == ROW_KEYS and list(r["phases"]) == list(bench.PHASES)
+        # the ratio is rounded to 3 decimals: 5e-4 absolute, however small it is
+        assert r["ratio_to_sgd"] == pytest.approx(r["ms_per_step"] / sgd["ms_per_step"], rel=1e-3, abs=6e-4)
+        assert r["ms_per_step"] > 0.0 and r["peak_mem_gib"] > 0.0
+        # no probe splits K-FAC's phases for these: fwd+bwd (with the sampling) and the optimiser only
+        assert r["phases"]["factor_stats"] == r["phases"]["inversion"] == r["phases"]["preconditioning"] == 0.0
+        assert r["phases"]["forward_backward"] > 0.0 and r["phases"]["optimizer"] > 0.0
+    assert rows[2]["kfac_mem_mib"] is None and rows[3]["kfac_mem_mib"] > 0.0
+
+
+def test_bayesian_step_is_the_trainers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The bench steps a sampling optimiser through ``train.sample_passes``: ``bayes.samples`` weight samples
+    from the grid's generators, and ``kfac.step`` left to noisy K-FAC."""
+    args = build_parser().parse_args(["bench", "--model", "cifar_resnet8", "--image-size", "8", "--batch", "4",
+                                      "--classes", "3", "--optim", "noisy_kfac", "--set", "bayes.samples=3"])
+    (case, cfg), = bench.plan(fill(bench.Options, args))
+    run = bench._Run.build(cfg, torch.device("cpu"))
+    assert run.sampler is run.optimizer and run.samples == 3 and run.kfac is not None
+    drawn: list[int] = []
+    sampled = run.optimizer.sampled_params  # type: ignore[attr-defined]
+    monkeypatch.setattr(run.optimizer, "sampled_params", lambda g: drawn.append(g.initial_seed()) or sampled(g))
+    kfac_steps: list[float] = []
+    kfac_step = run.kfac.step
+    monkeypatch.setattr(run.kfac, "step", lambda lr: kfac_steps.append(lr) or kfac_step(lr))
+    before = [p.detach().clone() for p in run.model.parameters()]
+    run.step(5)  # K-FAC raises if it sees more fisher_backward passes than begin_step(micro_batches=) announced
+    assert drawn == [g.initial_seed() for g in run.grid.generators(torch.device("cpu"), cfg.train.seed, 5)]
+    assert len(kfac_steps) == 1  # noisy K-FAC's own call, not a second one from the bench
+    assert any(not torch.equal(b, p) for b, p in zip(before, run.model.parameters()))
