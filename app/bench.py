@@ -60,7 +60,7 @@ import shlex
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from statistics import fmean
 from typing import Any
@@ -72,8 +72,8 @@ from app import config as config_mod
 from app import launch
 from app.bayes.builder import Sampling, build_bayes_optimizer
 from app.bayes.grid import SampleGrid
-from app.comm import Comm
-from app.config import CommConfig, Config, ModelConfig, TrainConfig
+from app.comm.solo import SoloComm
+from app.config import Config, ModelConfig, TrainConfig
 from app.data import build_loaders
 from app.errors import UserError
 from app.kfac import KFAC
@@ -263,7 +263,7 @@ class _Run:
             else None
         optimizer: torch.optim.Optimizer
         if cfg.optim.name in config_mod.BAYESIAN_OPTIMISERS:
-            optimizer = build_bayes_optimizer(model, cfg, _one_process_comm(device), train_images=info.train_size,
+            optimizer = build_bayes_optimizer(model, cfg, SoloComm(device), train_images=info.train_size,
                                               global_batch=cfg.data.batch_size, steps_per_epoch=1, total_steps=1,
                                               kfac=kfac)
         else:
@@ -326,16 +326,6 @@ class _Run:
             self.step(s, lap)
             out.append(times)
         return out
-
-
-def _one_process_comm(device: torch.device) -> Comm:
-    """The world of this one process, for the Bayesian optimisers' constructors (at one rank they run no
-    collective); the process group is started once and reused by later cases."""
-    if torch.distributed.is_initialized():
-        from app.comm.torch_backend import TorchComm
-
-        return TorchComm(device, timedelta(seconds=CommConfig().timeout_s))
-    return launch.init_comm(launch.World(0, 1, 0, 1, "single"), CommConfig(backend="torch"), device)
 
 
 def amortised_phases(laps: Sequence[dict[str, float]], first_step: int, factor_interval: int,

@@ -237,3 +237,19 @@ def test_single_rank_averager_is_a_no_op(comm: Comm) -> None:
 def test_bucket_size_must_be_positive() -> None:
     with pytest.raises(ValueError, match="bucket_mb=0"):
         GradientAverager(_mlp(), EchoComm(), bucket_mb=0)
+
+
+def test_solo_comm_is_the_identity_over_one_rank() -> None:
+    """SoloComm (spngd bench's one-process world) reduces, scatters and gathers one rank's values as the
+    library would, and counts the same traffic, with no process group started."""
+    from app.comm.solo import SoloComm
+
+    comm = SoloComm(torch.device("cpu"))
+    t = torch.arange(6.0)
+    assert torch.equal(comm.allreduce(t.clone(), op="avg"), t)
+    assert torch.equal(comm.reduce_scatter(t.clone(), [6]), t)
+    assert [p.tolist() for p in comm.allgather(t[None], lengths=[1])] == [t[None].tolist()]
+    gathered = comm.gather(t[None], 0, lengths=[1])
+    assert gathered is not None and torch.equal(gathered[0], t[None])
+    assert torch.equal(comm.broadcast(t.clone(), 0), t) and comm.counters.snapshot()
+    assert not torch.distributed.is_initialized()
