@@ -224,7 +224,6 @@ class Trainer:
             flat = torch.cat([t.reshape(-1) for t in self._bn_stats.values()])
             bn_parts = self.comm.gather(flat[None], 0, name="checkpoint", lengths=one_each)
         kfac = self.kfac.state_dict() if self.kfac is not None else {}
-        posterior = self.posterior().export()
         optimizer = self.optimizer.state_dict()  # collective for VOGN (its state lives on the layers' owners)
         if rng is None or kfac is None:
             return None
@@ -241,7 +240,7 @@ class Trainer:
             "schedule": self.schedule.state_dict(),
             "scaler": self.scaler.state_dict(),
             "kfac": kfac,
-            "posterior": posterior,
+            "posterior": self.posterior().export(),  # every rank holds it: built on the writer only
             "tail_average": self.tail.state_dict() if self.tail is not None else {},
             "rng": [r[0].cpu().clone() for r in rng],  # own storage: set_rng_state needs offset 0
             "config": self.cfg.to_dict(),
@@ -336,8 +335,8 @@ class Trainer:
         return self.averager.sync(last) if self.averager is not None else nullcontext()
 
     def posterior(self) -> Posterior:
-        """What the run's weights mean (collective): the optimiser's posterior, MC-dropout when the model
-        has dropout, else the point estimate the model holds."""
+        """What the run's weights mean (local: every rank holds all of it): the optimiser's posterior,
+        MC-dropout when the model has dropout, else the point estimate the model holds."""
         if hasattr(self.optimizer, "posterior"):
             return self.optimizer.posterior()  # type: ignore[no-any-return,unused-ignore]
         return Dropout() if self.cfg.model.dropout > 0 else Point()
@@ -562,8 +561,7 @@ def train(cfg: Config, world: World, comm: Comm, device: torch.device) -> Summar
     summary = trainer.run(run_dir)
     if trainer.kfac is not None:
         summary.kfac = trainer.kfac.summary()
-    posterior = trainer.posterior()  # collective
     if comm.rank == 0:
-        save_posterior(posterior, run_dir / "posterior.pt")
+        save_posterior(trainer.posterior(), run_dir / "posterior.pt")
         summary.save(run_dir / "summary.json")
     return summary

@@ -4,7 +4,7 @@ Each is a ``torch.optim.Optimizer`` (so the LR schedule, checkpoints and ``spngd
 like SGD) with, beyond ``step()``:
 
 * ``posterior() -> Posterior`` - the distribution the run ends with (checkpoint, ``posterior.pt``,
-  ``spngd evaluate``); collective where the optimiser's state is spread over ranks;
+  ``spngd evaluate``); local: every rank holds all of it, so only the writer builds it;
 * ``sampled_params(generator)`` - a context in which the parameters hold one weight sample, for the
   forward/backward of a step (vogn, noisy_kfac, ivon; SGLD's noise is in its step instead);
 * ``reduces_gradients`` - True when ``step()`` averages the gradients over the ranks itself (VOGN:
