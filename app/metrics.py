@@ -235,12 +235,27 @@ def _fmt(value: Any) -> Any:
     return f"{value:.6g}" if isinstance(value, float) else value
 
 
-def write_plot(history: list[dict[str, Any]], path: Path) -> Path:
-    """Loss, accuracy and throughput against step, for a glance at a finished run."""
+def pyplot() -> Any:
+    """matplotlib's pyplot on the file-only Agg backend (no display on cluster nodes)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def save_figure(fig: Any, path: Path) -> None:
+    """Write ``fig`` as a PNG atomically (no half-written plot), then free it."""
+    fig.tight_layout()
+    try:
+        write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=100))
+    finally:
+        pyplot().close(fig)
+
+
+def write_plot(history: list[dict[str, Any]], path: Path) -> Path:
+    """Loss, accuracy and throughput against step, for a glance at a finished run."""
+    plt = pyplot()
     train = [r for r in history if r["kind"] == "train"]
     val = [r for r in history if r["kind"] == "val"]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
@@ -253,9 +268,5 @@ def write_plot(history: list[dict[str, Any]], path: Path) -> Path:
         ax.set_title(title)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
-    fig.tight_layout()
-    try:
-        write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=100))
-    finally:
-        plt.close(fig)
+    save_figure(fig, path)
     return path

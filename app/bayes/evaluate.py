@@ -41,6 +41,7 @@ from app.comm import Comm
 from app.config import Config
 from app.data import PAD, build_loaders, ood
 from app.errors import CheckpointError, ConfigError, UserError
+from app.metrics import pyplot, save_figure
 from app.models import build_model
 from app.storage import write_atomic
 
@@ -238,22 +239,6 @@ def _report(job: Job, posterior: Posterior, samples: int, labels: Tensor, p_val:
     return report
 
 
-def _figure() -> Any:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(plt: Any, fig: Any, path: Path) -> None:
-    fig.tight_layout()
-    try:
-        write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=100))
-    finally:
-        plt.close(fig)
-
-
 def _plot_reliability(correct: np.ndarray, confidence: np.ndarray, ece: float, path: Path) -> None:
     """Accuracy against confidence per bin: scikit-learn's calibration curve on the ECE's 15 equal-width
     bins (it closes them on the right, torchmetrics on the left with 1.0 in a bin of its own: the two
@@ -261,7 +246,7 @@ def _plot_reliability(correct: np.ndarray, confidence: np.ndarray, ece: float, p
     from sklearn.calibration import calibration_curve  # type: ignore[import-untyped]
 
     accuracy, mean_conf = calibration_curve(correct.astype(np.int64), confidence, n_bins=BINS, pos_label=1)
-    plt = _figure()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5, 5))
     width = 1.0 / BINS
     left = np.minimum(np.floor(mean_conf / width), BINS - 1) * width  # the bin each mean lies in
@@ -271,12 +256,12 @@ def _plot_reliability(correct: np.ndarray, confidence: np.ndarray, ece: float, p
     ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence (max probability)", ylabel="accuracy",
            title=f"reliability: ECE = {ece:.4f} ({BINS} bins)")
     ax.legend(loc="upper left")
-    _save(plt, fig, path)
+    save_figure(fig, path)
 
 
 def _plot_roc(curves: dict[str, list[np.ndarray]], detection: dict[str, dict[str, float]], ood_set: str,
               path: Path) -> None:
-    plt = _figure()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5, 5))
     for name, (fpr, tpr) in curves.items():
         d = detection[name]
@@ -285,4 +270,4 @@ def _plot_roc(curves: dict[str, list[np.ndarray]], detection: dict[str, dict[str
     ax.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="false positive rate (OOD called in-distribution)",
            ylabel="true positive rate (in-distribution)", title=f"OOD detection: validation vs {ood_set}")
     ax.legend(loc="best")
-    _save(plt, fig, path)
+    save_figure(fig, path)
