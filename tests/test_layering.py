@@ -17,7 +17,7 @@ LAYERS = (
     ("app.errors",),
     ("app.config", "app.checkpoint", "app.preempt", "app.storage"),
     ("app.comm",),
-    ("app.launch", "app.kfac", "app.bayes", "app.data", "app.models", "app.optim", "app.metrics"),
+    ("app.launch", "app.kfac", "app.bayes", "app.analysis", "app.data", "app.models", "app.optim", "app.metrics"),
     ("app.train",),
     ("app.bench", "app.submit", "app.gradcheck"),
     tuple(CLI_LAYER),

@@ -1,0 +1,1 @@
+"""Information-matrix analysis: curvature operators, spectra, their database."""
