@@ -142,8 +142,14 @@ class OptimConfig:
     name: str = _f("sgd", "optimiser: sgd, lars, adam, adamw, or a Bayesian one (bayes section): vogn, noisy_kfac, "
                    "sgld (Langevin dynamics), ivon (the ivon-opt package)",
                    choices=("sgd", "lars", "adam", "adamw", "vogn", "noisy_kfac", "sgld", "ivon"))
-    preconditioner: str = _f("none", "gradient preconditioner applied before the optimiser step",
-                             choices=("none", "kfac"))
+    preconditioner: str = _f("none", "gradient preconditioner applied before the optimiser step: kfac (kfac "
+                             "section), ngd_dual (the exact natural gradient of the global batch by an N x N or "
+                             "NC x NC kernel solve; ngd_damping, ngd_matrix)", choices=("none", "kfac", "ngd_dual"))
+    ngd_damping: float = _f(1e-3, "ngd_dual: lambda of (F + lambda I)^-1 g; it bounds the step at |g| / lambda "
+                            "along directions the batch's Fisher does not see", gt=0.0)
+    ngd_matrix: str = _f("ggn", "ngd_dual: F is the GGN (= Fisher of the model's predictions, C kernel rows an "
+                         "example) or the empirical Fisher emp (true labels, one row an example: C times smaller "
+                         "kernel)", choices=("ggn", "emp"))
     lr: float = _f(0.1, "peak learning rate at base_batch images per step (a typo guard caps it at 1000; "
                    "useful peaks are below 50)", gt=0.0, le=1e3)
     base_batch: int = _f(0, "linear scaling rule: lr is multiplied by global_batch/base_batch; "
@@ -592,6 +598,12 @@ def _check_consistency(cfg: Config) -> None:
     if cfg.optim.tail_average > 0 and bayesian:
         raise ConfigError(f"config: optim.tail_average averages point estimates; optim.name={cfg.optim.name} keeps "
                           f"a posterior instead")
+    if cfg.optim.preconditioner == "ngd_dual" and cfg.optim.grad_accum > 1:
+        raise ConfigError(f"config: optim.preconditioner=ngd_dual needs optim.grad_accum=1 (got "
+                          f"{cfg.optim.grad_accum}): its kernel is built from the step's single micro-batch")
+    if cfg.optim.preconditioner == "ngd_dual" and cfg.train.precision != "fp32":
+        raise ConfigError(f"config: optim.preconditioner=ngd_dual needs train.precision=fp32 (got "
+                          f"{cfg.train.precision}): its rows and gradient must share one precision")
     if sorted(cfg.optim.milestones) != cfg.optim.milestones:
         raise ConfigError(f"config: optim.milestones={cfg.optim.milestones} must be increasing")
 

@@ -182,6 +182,10 @@ class Trainer:
             from app.kfac import KFAC
             self.kfac = KFAC(self.model, cfg.kfac, comm if comm.size > 1 else None, seed=cfg.train.seed,
                              steps_per_epoch=self.steps_per_epoch, total_steps=self.total_steps)
+        self.ngd = None
+        if cfg.optim.preconditioner == "ngd_dual":
+            from app.analysis.ngd_dual import NGDDual
+            self.ngd = NGDDual(self.model, comm, cfg.optim.ngd_damping, cfg.optim.ngd_matrix)
         self.optimizer: torch.optim.Optimizer
         if cfg.optim.name in config_mod.BAYESIAN_OPTIMISERS:
             self.optimizer = build_bayes_optimizer(
@@ -324,6 +328,8 @@ class Trainer:
         self.scaler.unscale_(self.optimizer)
         if self.kfac is not None and not getattr(self.optimizer, "calls_kfac", False):
             self.kfac.step(lr)  # noisy K-FAC calls it in its step, after adding the prior term
+        if self.ngd is not None:  # loss gradient only: the optimiser adds weight decay afterwards
+            self.ngd.precondition(*group[0])  # optim.grad_accum=1: the step's one micro-batch
         self.scaler.step(self.optimizer)
         if self.tail is not None:
             self.tail.update(step + 1)
