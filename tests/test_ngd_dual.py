@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from test_analysis_spectra import cnn, data, dense_matrix, mlp
-from testlib import REPO, smoke_trainer
+from testlib import REPO, load_script, smoke_trainer
 from torch import nn
 
 from app import config
@@ -116,3 +116,12 @@ def test_trainer_with_ngd_dual_lowers_the_loss(world: tuple[Any, Any], tmp_path:
         pass
     end = trainer.validate()[0]
     assert end < start - 0.02, f"validation loss {start:.4f} -> {end:.4f}"
+
+
+def test_cost_benchmark_case_runs_and_its_dense_step_agrees() -> None:
+    """experiments/ngd_cost.py's smallest case: every method timed, ngd_dual == the dense solve (float32
+    model: rounding of the float32 rows and step)."""
+    row = load_script("ngd_cost").case(8, 8, COMM)
+    assert all(row[k] is not None and row[k] > 0 for k in ("grad_ms", "kfac_ms", "ngd_ggn_ms", "ngd_emp_ms",
+                                                          "dense_ggn_ms"))
+    assert row["params"] == 610 and row["dense_vs_ngd"] < 1e-5

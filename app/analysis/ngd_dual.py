@@ -6,7 +6,8 @@ sample-space rows V of ``Curvature.rows`` (R = NC rows for the GGN, N for ``emp`
 
     (lambda I + V^T V)^-1 g = (g - V^T (lambda I + V V^T)^-1 V g) / lambda,
 
-an R x R kernel solve instead of a P x P one: no approximation, cost O(R^2 P + R^3).
+an R x R kernel solve instead of a P x P one: no approximation, cost O(R^2 P + R^3) time and
+R x P float64 (all ranks' rows) on every rank.
 
 Distributed (each rank holds its micro-batch, sizes may differ): every rank builds its rows V_r,
 allgathers them, computes its kernel block row K_r = V_r V^T and ``V_r g``; one allgather of the
