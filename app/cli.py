@@ -204,6 +204,30 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--checkpoint", metavar="PATH", help="evaluate this checkpoint instead of the newest")
     evaluate.set_defaults(func=_cmd_evaluate)
 
+    analyze = sub.add_parser(
+        "analyze", help="top eigenvalues and traces of a trained network's information matrices into SQLite",
+        description="Hessian, GGN (= exact Fisher), MC Fisher, empirical Fisher and gradient covariance of the "
+        "mean cross-entropy over the first --examples training images (no augmentation), each under the full, "
+        "block-diagonal (per layer), K-FAC and diagonal approximations; top-k eigenvalues by dense eigh, Lanczos "
+        "or the dual Gram matrix (auto: dense up to 2048 parameters per operator), traces exact or by "
+        "Hutchinson. Products are spread over the ranks. One row per result in the table spectra of --db "
+        "(schema: app/analysis/db.py); pairs already stored for this run, step and seed are skipped, so a "
+        "killed analysis continues. Example: mpirun -np 2 spngd analyze --run runs/demo --matrices "
+        "hessian,ggn,mc,emp,cov --approx full,block,kfac,diag --top-k 10 --db runs/curvature.sqlite")
+    analyze.add_argument("--run", metavar="DIR", help="a run directory (its config and newest checkpoint)")
+    analyze.add_argument("--config", metavar="FILE", help="or a config file, with --checkpoint")
+    analyze.add_argument("--checkpoint", metavar="PATH", help="the checkpoint to analyse")
+    analyze.add_argument("--matrices", default="ggn", type=_names, help="comma-separated: hessian,ggn,mc,emp,cov")
+    analyze.add_argument("--approx", default="full", type=_names, help="comma-separated: full,block,kfac,diag")
+    analyze.add_argument("--top-k", type=int, default=10, help="eigenvalues kept per result (default 10)")
+    analyze.add_argument("--estimator", default="auto", help="auto, dense, lanczos or dual (default auto)")
+    analyze.add_argument("--examples", type=int, default=256, help="training images analysed (default 256)")
+    analyze.add_argument("--seed", type=int, default=0, help="MC labels, Lanczos start, Hutchinson probes")
+    analyze.add_argument("--tolerance", type=float, default=1e-6, help="Lanczos relative tolerance")
+    analyze.add_argument("--trace-samples", type=int, default=30, help="Hutchinson probes (default 30)")
+    analyze.add_argument("--db", required=True, metavar="SQLITE", help="the database (created if absent)")
+    analyze.set_defaults(func=_cmd_analyze)
+
     comm_bench = sub.add_parser(
         "comm-bench", help="latency and bandwidth of every collective of the comm backend (run under mpirun)",
         description="Times one call (after warm-up) of each float32 collective of every given total size on "
@@ -301,6 +325,35 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
                 print(f"ood {r['ood']['set']} ({r['images']['ood']} images), {score} score: auroc {d['auroc']:.4f}  "
                       f"aupr {d['aupr']:.4f}  fpr95 {d['fpr95']:.4f}")
             print(f"wrote {', '.join(str(job.run_dir / f) for f in evaluate.FILES)}", flush=True)
+    return 0
+
+
+def _names(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _cmd_analyze(args: argparse.Namespace) -> int:
+    """``spngd analyze``: one progress line per result on rank 0; the rows are in --db."""
+    from app import launch
+    from app.analysis import analyze
+
+    def path(p: str | None) -> Path | None:
+        return Path(p) if p else None
+
+    req = analyze.Request(db=Path(args.db), run=path(args.run), config=path(args.config),
+                          checkpoint=path(args.checkpoint), matrices=args.matrices, approximations=args.approx,
+                          top_k=args.top_k, estimator=args.estimator, examples=args.examples, seed=args.seed,
+                          tolerance=args.tolerance, trace_samples=args.trace_samples)
+    world = launch.discover()
+    _setup_logging(world.rank, "INFO")
+    job = analyze.check(req)  # every argument checked before any collective
+    with _ranks(world, job.cfg) as (device, comm):
+        def progress(line: str) -> None:
+            if comm.rank == 0:
+                print(line, flush=True)
+
+        written = analyze.analyze(job, comm, device, progress)
+        progress(f"analyze: {written} rows written to {args.db} (run {job.run_name}, checkpoint {job.checkpoint})")
     return 0
 
 

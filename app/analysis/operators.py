@@ -198,20 +198,32 @@ class Curvature:
     def rows(self) -> Tensor:
         """The rank's sample-space rows V_r (``ROW_MATRICES`` only): ``M = V^T V`` with V the rows
         of all ranks stacked, each already scaled by 1/sqrt(N); C rows an example for ``ggn``."""
+        parts = list(self._row_chunks())
+        return torch.cat(parts) if parts else torch.zeros(0, self.dim, dtype=self.dtype, device=self.device)
+
+    def diagonal(self) -> Tensor:
+        """The exact diagonal of a Gram matrix, sum of the squared rows (collective), one chunk of
+        rows in memory at a time."""
+        local = torch.zeros(self.dim, dtype=self.dtype, device=self.device)
+        for rows in self._row_chunks():
+            local += (rows ** 2).sum(0)
+        return self.comm.allreduce(local, op="sum", name="analysis")
+
+    def _row_chunks(self) -> Iterator[Tensor]:
         if self.matrix not in ROW_MATRICES:
             raise UserError(f"analysis: {self.matrix} has no sample-space factor (it is not a Gram "
                             f"matrix); use the estimator lanczos or dense")
-        out = []
         for x, _, labels in self.chunks():
             weights = self.row_weights(x, labels)  # (n, r, C)
+
             def one(p: Params, xi: Tensor, wi: Tensor) -> Tensor:
                 pullback = vjp(lambda q: self.logits(q, xi[None])[0], p)[1]
                 return vmap(lambda w: self.flatten(pullback(w)[0]))(wi)
-            out.append(vmap(one, in_dims=(None, 0, 0))(self.params, x, weights).reshape(-1, self.dim))
-        rows = torch.cat(out) if out else torch.zeros(0, self.dim, dtype=self.dtype, device=self.device)
-        if self.matrix == "cov":
-            rows = rows - self.mean_gradient()
-        return rows / self.total ** 0.5
+
+            rows = vmap(one, in_dims=(None, 0, 0))(self.params, x, weights).reshape(-1, self.dim)
+            if self.matrix == "cov":
+                rows = rows - self.mean_gradient()
+            yield rows / self.total ** 0.5
 
     def row_weights(self, x: Tensor, labels: Tensor) -> Tensor:
         """Cotangents on the logits whose pullbacks are the rows: (n, C, C) for the GGN (row c is

@@ -4,14 +4,15 @@ that produced them.
 Approximations (``APPROXIMATIONS``): ``full``; ``block`` (block-diagonal per layer: the spectrum is
 the union of the blocks' spectra, merged); ``kfac`` (per Linear/Conv2d layer A (x) G from the same
 per-example vectors the matrix is made of, its eigenvalues the products of the factors' eigenvalues,
-merged across layers with no dense matrix; layers of other kinds keep their exact block); ``diag``.
+merged across layers with no dense matrix; BatchNorm gets unit-wise 2x2 blocks (gamma_c, beta_c) as the
+trainer's K-FAC does, other parameterised layers their exact block); ``diag``.
 
 Estimators (``ESTIMATORS``): ``dense`` (the matrix formed from ``dim`` products, ``eigvalsh``: exact),
 ``lanczos`` (implicitly restarted Lanczos, scipy's ARPACK, on the products; the start vector from
 the seed), ``dual`` (the Gram matrix V V^T of the sample-space rows: exact, N x N or NC x NC), and
 ``auto`` (dense up to ``DENSE_LIMIT`` parameters per operator, else Lanczos). The trace is exact
-for ``dense``/``dual``/``kfac``/``diag`` and by Hutchinson's estimator (``trace_samples`` Rademacher
-probes from the seed) otherwise.
+everywhere (for Gram matrices the sum of the squared sample-space rows) except the Hessian under
+Lanczos: Hutchinson's estimator there (``trace_samples`` Rademacher probes from the seed).
 """
 
 from __future__ import annotations
@@ -26,12 +27,13 @@ import torch.nn.functional as F
 from scipy.sparse.linalg import LinearOperator, eigsh  # type: ignore[import-untyped]
 from torch import Tensor, nn
 
-from app.analysis.operators import Block, Curvature
+from app.analysis.operators import ROW_MATRICES, Block, Curvature
 from app.errors import UserError
 
 APPROXIMATIONS = ("full", "block", "kfac", "diag")
 ESTIMATORS = ("auto", "dense", "lanczos", "dual")
 DENSE_LIMIT = 2048
+HESSIAN_DIAG_LIMIT = 8 * DENSE_LIMIT  # one Hessian product per parameter
 KFAC_MATRICES = ("ggn", "mc", "emp")
 MatVec = Callable[[Tensor], Tensor]
 
@@ -134,6 +136,7 @@ def spectrum(curv: Curvature, approximation: str, k: int = 10, estimator: str = 
         return Spectrum(curv.matrix, approximation, "dual", k, _top(vals, k), trace, "exact", 0.0, seed,
                         curv.products - start)
     vals, trace, used, trace_used = [], 0.0, set(), set()
+    gram_diagonal = None
     for i, block in enumerate(blocks):
         size, mv = _restricted(curv, block)
         method = estimator if estimator != "auto" else ("dense" if size <= DENSE_LIMIT else "lanczos")
@@ -145,9 +148,14 @@ def spectrum(curv: Curvature, approximation: str, k: int = 10, estimator: str = 
             trace_used.add("exact")
         else:
             vals += _lanczos(size, mv, k, tol, seed + i)
-            trace += _hutchinson(size, mv, trace_samples, seed + i)
             used.add("lanczos")
-            trace_used.add(f"hutchinson{trace_samples}")
+            if curv.matrix in ROW_MATRICES:  # exact and cheaper than probes: the squared rows' sum
+                gram_diagonal = curv.diagonal() if gram_diagonal is None else gram_diagonal
+                trace += float(gram_diagonal[slice(None) if block is None else slice(block.start, block.stop)].sum())
+                trace_used.add("exact")
+            else:
+                trace += _hutchinson(size, mv, trace_samples, seed + i)
+                trace_used.add(f"hutchinson{trace_samples}")
     return Spectrum(curv.matrix, approximation, "+".join(sorted(used)), k, _top(vals, k), trace,
                     "+".join(sorted(trace_used)), tol if "lanczos" in used else 0.0, seed, curv.products - start)
 
@@ -156,9 +164,8 @@ def _diagonal(curv: Curvature, estimator: str) -> Tensor:
     """The exact diagonal: column sums of the squared rows for Gram matrices, unit-vector products
     for the Hessian (``dim`` products: small networks only, stated by the estimator name)."""
     if curv.matrix != "hessian":
-        rows = gathered_rows(curv).double().cpu()
-        return (rows ** 2).sum(0)
-    if curv.dim > DENSE_LIMIT * 8:
+        return curv.diagonal().double().cpu()
+    if curv.dim > HESSIAN_DIAG_LIMIT:
         raise UserError(f"analysis: the exact Hessian diagonal takes one product per parameter "
                         f"({curv.dim}); use approximation block or full with lanczos")
     eye = torch.eye(curv.dim, dtype=curv.dtype, device=curv.device)
@@ -236,7 +243,8 @@ def _patches(module: nn.Module, x: Tensor) -> Tensor:
 
 
 def kfac_spectrum(curv: Curvature, k: int) -> tuple[list[float], float]:
-    """Top-k of the union over layers of {a_i g_j}, and sum_l tr A_l tr G_l (+ exact other blocks)."""
+    """Top-k of the union over layers of {a_i g_j}, and sum_l tr A_l tr G_l, plus the other layers'
+    blocks from the sample-space rows (one more pass only when such layers exist)."""
     factors, others = kfac_factors(curv)
     vals: list[float] = []
     trace = 0.0
@@ -245,8 +253,20 @@ def kfac_spectrum(curv: Curvature, k: int) -> tuple[list[float], float]:
         eg = torch.linalg.eigvalsh(g.double().cpu())
         vals += _top(torch.outer(ea, eg).flatten().tolist(), k)
         trace += float(ea.sum() * eg.sum())
+    rows = gathered_rows(curv).double().cpu() if others else None
+    modules = dict(curv.model.named_modules())
     for block in others:
-        m = _dense(*_restricted(curv, block))
-        vals += torch.linalg.eigvalsh(m).tolist()
-        trace += float(m.trace())
+        assert rows is not None
+        v = rows[:, block.start:block.stop]
+        if isinstance(modules[block.module], nn.modules.batchnorm._BatchNorm) and len(block.names) == 2:
+            # unit-wise: one 2x2 block (gamma_c, beta_c) per channel, as the trainer's K-FAC has it
+            c = block.size // 2
+            pairs = torch.stack([v[:, :c], v[:, c:]], 2)  # (rows, channel, 2)
+            units = torch.einsum("rci,rcj->cij", pairs, pairs)
+            vals += torch.linalg.eigvalsh(units).flatten().tolist()
+            trace += float(units.diagonal(dim1=1, dim2=2).sum())
+        else:
+            gram = v @ v.T
+            vals += torch.linalg.eigvalsh(gram).tolist()
+            trace += float(gram.trace())
     return _top(vals, k), trace

@@ -28,9 +28,11 @@ BUNDLED_PARENT = Path("data")
 
 
 def build_loaders(cfg: Config, rank: int, size: int, device: torch.device,
-                  seed: int) -> tuple[Loader, Loader, DatasetInfo]:
+                  seed: int, eval_train: bool = False) -> tuple[Loader, Loader, DatasetInfo]:
     """Train and val loaders of this rank. ``seed`` must be the same on every rank (the base seed,
-    not a per-rank one): the shuffle of every epoch is derived from it."""
+    not a per-rank one): the shuffle of every epoch is derived from it. ``eval_train``: the train
+    split in file order with the validation transform (resize, centre crop; no augmentation), the
+    training set as a measurement sees it (``spngd analyze``)."""
     d = cfg.data
     if d.backend == "synthetic":
         from app.data.synthetic import SyntheticLoader
@@ -49,7 +51,7 @@ def build_loaders(cfg: Config, rank: int, size: int, device: torch.device,
         from app.data.dali import DaliLoader as make
     else:
         from app.data.folder import FolderLoader as make
-    train_plan = ShardPlan(len(train), d.batch_size, rank, size, seed, train=True)
+    train_plan = ShardPlan(len(train), d.batch_size, rank, size, seed, train=not eval_train)
     val_plan = ShardPlan(len(val), d.batch_size, rank, size, seed, train=False)
     info = DatasetInfo(len(classes), classes, len(train), len(val), 3, root)
     return make(train, train_plan, d, device, seed), make(val, val_plan, d, device, seed), info
