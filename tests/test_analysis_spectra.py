@@ -78,37 +78,37 @@ def top(m: torch.Tensor, k: int) -> torch.Tensor:
     return torch.linalg.eigvalsh(m).flip(0)[:k]
 
 
+def checked(matrix: str, approximation: str, estimator: str, k: int, n: int, **kw: float) -> Curvature:
+    """``spectrum`` of an n-example MLP against eigh and trace of the dense oracle; the operator."""
+    x, y = data(n)
+    curv = Curvature(mlp(), x, y, matrix, COMM, total=n, seed=3, chunk=4)
+    oracle = approximate(dense_matrix(curv), curv, approximation)
+    s = spectrum(curv, approximation, k=k, estimator=estimator, **kw)  # type: ignore[arg-type]
+    torch.testing.assert_close(vals(s.eigenvalues), top(oracle, k), atol=1e-9, rtol=1e-8)
+    if estimator != "lanczos" or matrix != "hessian":  # the Hessian's Lanczos trace is Hutchinson's
+        assert s.trace == pytest.approx(float(oracle.trace()), abs=1e-10)
+    assert s.estimator in {"dense": ("dense",), "lanczos": ("lanczos", "dense+lanczos"),
+                           "dual": ("dual",)}[estimator]
+    return curv
+
+
 @pytest.mark.parametrize("matrix", MATRICES)
 @pytest.mark.parametrize("approximation", ["full", "block", "diag"])
 def test_dense_estimator_equals_eigh(matrix: str, approximation: str) -> None:
-    x, y = data(6)
-    curv = Curvature(mlp(), x, y, matrix, COMM, total=6, seed=3, chunk=4)
-    oracle = approximate(dense_matrix(curv), curv, approximation)
-    s = spectrum(curv, approximation, k=5, estimator="dense")
-    torch.testing.assert_close(vals(s.eigenvalues), top(oracle, 5), atol=1e-10, rtol=1e-9)
-    assert s.trace == pytest.approx(float(oracle.trace()), abs=1e-10)
+    checked(matrix, approximation, "dense", 5, 6)
 
 
 @pytest.mark.parametrize("matrix", MATRICES)
 @pytest.mark.parametrize("approximation", ["full", "block"])
 def test_lanczos_equals_eigh(matrix: str, approximation: str) -> None:
-    x, y = data(6)
-    curv = Curvature(mlp(), x, y, matrix, COMM, total=6, seed=3)
-    oracle = approximate(dense_matrix(curv), curv, approximation)
-    s = spectrum(curv, approximation, k=3, estimator="lanczos", tol=1e-12)
-    torch.testing.assert_close(vals(s.eigenvalues), top(oracle, 3), atol=1e-9, rtol=1e-8)
-    assert s.estimator in ("lanczos", "dense+lanczos") and s.tolerance == 1e-12
+    checked(matrix, approximation, "lanczos", 3, 6, tol=1e-12)
 
 
 @pytest.mark.parametrize("matrix", ["ggn", "mc", "emp", "cov"])
 @pytest.mark.parametrize("approximation", ["full", "block", "diag"])
 def test_dual_gram_equals_eigh_and_lanczos(matrix: str, approximation: str) -> None:
-    x, y = data(5)
-    curv = Curvature(mlp(), x, y, matrix, COMM, total=5, seed=4, chunk=2)
-    oracle = approximate(dense_matrix(curv), curv, approximation)
+    curv = checked(matrix, approximation, "dual", 4, 5)
     dual = spectrum(curv, approximation, k=4, estimator="dual")
-    torch.testing.assert_close(vals(dual.eigenvalues), top(oracle, 4), atol=1e-10, rtol=1e-9)
-    assert dual.trace == pytest.approx(float(oracle.trace()), abs=1e-10)
     if approximation != "diag":
         lanczos = spectrum(curv, approximation, k=2, estimator="lanczos", tol=1e-12)
         torch.testing.assert_close(vals(lanczos.eigenvalues), vals(dual.eigenvalues[:2]),
