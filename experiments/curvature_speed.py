@@ -17,7 +17,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from ngd_cost import cpu_name, seconds
+from ngd_cost import seconds
+from time_to_accuracy import cpu_model
 
 from app.analysis.operators import Curvature
 from app.comm.solo import SoloComm
@@ -57,7 +58,7 @@ def main() -> None:
         r = rows[-1]
         print(f"{arch} batch {args.batch} P={r['params']}: grad {r['grad_ms']:.1f} ms, HVP {r['hessian_ms']:.1f} ms "
               f"({r['hessian_ratio']:.2f}x), GGN-vp {r['ggn_ms']:.1f} ms ({r['ggn_ratio']:.2f}x)", flush=True)
-    out = {"cpu": cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__, "rows": rows}
+    out = {"cpu": cpu_model(), "threads": torch.get_num_threads(), "torch": torch.__version__, "rows": rows}
     Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
 
 

@@ -24,9 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
-import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -34,6 +32,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from time_to_accuracy import cpu_model
 from torch import Tensor, nn
 
 from app.analysis.ngd_dual import NGDDual
@@ -132,15 +131,6 @@ def case(width: int, n: int, comm: SoloComm) -> dict[str, Any]:
     return row
 
 
-def cpu_name() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return platform.processor() or "unknown"
-    names = [line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")]
-    return names[0] if names else "unknown"
-
-
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
     """ms against N at the widest model dense runs on, and against P at N = 32."""
     plt = pyplot()
@@ -176,7 +166,7 @@ def main() -> None:
             rows.append(case(width, n, comm))
             print(" ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in rows[-1].items()),
                   flush=True)
-    result = {"cpu": cpu_name(), "threads": 1, "torch": torch.__version__, "input": INPUT, "classes": CLASSES,
+    result = {"cpu": cpu_model(), "threads": 1, "torch": torch.__version__, "input": INPUT, "classes": CLASSES,
               "damping": DAMPING, "dense_max_params": DENSE_MAX_P, "max_gflop": MAX_GFLOP,
               "total_s": time.perf_counter() - t0, "rows": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -9,7 +9,7 @@ from torch import nn
 from torch.func import functional_call, hessian, jacrev
 
 from app.analysis.operators import MATRICES, Curvature
-from app.analysis.spectra import APPROXIMATIONS, _generator, kfac_factors, spectrum
+from app.analysis.spectra import APPROXIMATIONS, kfac_factors, spectrum
 from app.comm.solo import SoloComm
 from app.errors import UserError
 
@@ -178,7 +178,6 @@ def test_hutchinson_trace_within_its_standard_error() -> None:
     sd = (2 * (float((m ** 2).sum()) - float((torch.diag(m) ** 2).sum())) / samples) ** 0.5
     assert abs(s.trace - float(m.trace())) < 5 * sd
     assert s.trace_estimator == f"hutchinson{samples}"
-    assert _generator(11, 2).choice([-1.0, 1.0], size=3).shape == (3,)
 
 
 def test_mc_labels_depend_on_the_global_index_only() -> None:

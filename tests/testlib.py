@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
@@ -18,7 +19,10 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def load_script(name: str) -> ModuleType:
-    """``experiments/<name>.py`` as a module (the experiments are scripts, not part of the package)."""
+    """``experiments/<name>.py`` as a module (the experiments are scripts, not part of the package); their
+    imports of one another resolve as when run as scripts, from experiments/ on the path."""
+    if str(REPO / "experiments") not in sys.path:
+        sys.path.append(str(REPO / "experiments"))
     spec = importlib.util.spec_from_file_location(name, REPO / "experiments" / f"{name}.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)

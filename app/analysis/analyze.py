@@ -187,8 +187,7 @@ def analyze(job: Job, comm: Comm, device: torch.device, progress: Callable[[str]
             started = time.perf_counter()
             curv = Curvature(model, x_all[mine].to(dtype), y_all[mine], matrix, comm, total=n, offset=mine.start,
                              seed=req.seed, chunk=cfg.data.batch_size)
-            estimator = req.estimator if (req.estimator != "dual" or approximation != "kfac") else "auto"
-            s = spectrum(curv, approximation, req.top_k, estimator, tol=req.tolerance, seed=req.seed,
+            s = spectrum(curv, approximation, req.top_k, req.estimator, tol=req.tolerance, seed=req.seed,
                          trace_samples=req.trace_samples)
             seconds = time.perf_counter() - started
             if db is not None:
