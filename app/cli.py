@@ -225,7 +225,14 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.add_argument("--seed", type=int, default=0, help="MC labels, Lanczos start, Hutchinson probes")
     analyze.add_argument("--tolerance", type=float, default=1e-6, help="Lanczos relative tolerance")
     analyze.add_argument("--trace-samples", type=int, default=30, help="Hutchinson probes (default 30)")
-    analyze.add_argument("--db", required=True, metavar="SQLITE", help="the database (created if absent)")
+    analyze.add_argument("--no-norms", dest="norms", action="store_false",
+                         help="skip the snapshot measures (norms, PAC-Bayes flatness) of --measures")
+    analyze.add_argument("--grid", metavar="YAML", help="the curvature study instead: train every trial of this "
+                         "grid file (configs/analysis/grid.yaml) with analysis.every_epochs, all into one database "
+                         "(--db, default <output.dir>/<grid name>.sqlite); finished trials are skipped")
+    analyze.add_argument("--set", "-s", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                         help="--grid: override one key of every trial's config (repeatable)")
+    analyze.add_argument("--db", metavar="SQLITE", help="the database (created if absent)")
     analyze.set_defaults(func=_cmd_analyze)
 
     comm_bench = sub.add_parser(
@@ -340,10 +347,17 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     def path(p: str | None) -> Path | None:
         return Path(p) if p else None
 
+    if args.grid:
+        return _analyze_grid(args)
+    if args.overrides:
+        raise UserError("analyze: --set applies to --grid only")
+    if not args.db:
+        raise UserError("analyze: --db SQLITE is required (the database the rows go to)")
+
+    settings = analyze.Settings(args.matrices, args.approx, args.top_k, args.estimator, args.examples, args.seed,
+                                args.tolerance, args.trace_samples, args.norms)
     req = analyze.Request(db=Path(args.db), run=path(args.run), config=path(args.config),
-                          checkpoint=path(args.checkpoint), matrices=args.matrices, approximations=args.approx,
-                          top_k=args.top_k, estimator=args.estimator, examples=args.examples, seed=args.seed,
-                          tolerance=args.tolerance, trace_samples=args.trace_samples)
+                          checkpoint=path(args.checkpoint), settings=settings)
     world = launch.discover()
     _setup_logging(world.rank, "INFO")
     job = analyze.check(req)  # every argument checked before any collective
@@ -354,6 +368,25 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
 
         written = analyze.analyze(job, comm, device, progress)
         progress(f"analyze: {written} rows written to {args.db} (run {job.run_name}, checkpoint {job.checkpoint})")
+    return 0
+
+
+def _analyze_grid(args: argparse.Namespace) -> int:
+    """``spngd analyze --grid``: the grid's trials one after the other on this job's ranks."""
+    from app import launch, study
+
+    if args.run or args.config or args.checkpoint:
+        raise UserError("analyze: --grid trains its own runs; leave out --run, --config and --checkpoint")
+    world = launch.discover()
+    _setup_logging(world.rank, "INFO")
+    grid = study.plan(Path(args.grid), Path(args.db) if args.db else None, args.overrides)  # before any collective
+    with _ranks(world, grid.trials[0].cfg) as (device, comm):
+        def progress(line: str) -> None:
+            if comm.rank == 0:
+                print(line, flush=True)
+
+        done, skipped, diverged = study.run(grid, world, comm, device, progress)
+        progress(f"grid: {done} trials trained, {skipped} already done, {diverged} diverged; database {grid.db}")
     return 0
 
 

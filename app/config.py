@@ -247,6 +247,31 @@ class KFACConfig:
                              "change the owners' costs; 0 = keep the first placement", ge=0)
 
 
+ANALYSIS_MATRICES = ("hessian", "ggn", "mc", "emp", "cov")
+ANALYSIS_APPROXIMATIONS = ("full", "block", "kfac", "diag")
+ANALYSIS_ESTIMATORS = ("auto", "dense", "lanczos", "dual")
+
+
+@dataclass
+class AnalysisConfig:
+    every_epochs: float = _f(0.0, "record the spectra of the information matrices (spngd analyze) into analysis.db "
+                             "before the first step, every this many epochs and at the end; 0 = off", ge=0.0)
+    db: str = _f("", "SQLite database the rows go to; empty = curvature.sqlite in the run directory (several runs "
+                 "may share one file)")
+    matrices: list[str] = _f(["ggn"], "matrices: hessian, ggn (= exact Fisher), mc (MC Fisher), emp (empirical "
+                             "Fisher), cov (gradient covariance)")
+    approximations: list[str] = _f(["full"], "approximations of each matrix: full, block (per layer), kfac, diag")
+    top_k: int = _f(10, "eigenvalues kept per result", gt=0)
+    estimator: str = _f("auto", "eigenvalue estimator: auto (dense when small, else dual or Lanczos), dense, "
+                        "lanczos, dual (the N x N Gram matrix)", choices=ANALYSIS_ESTIMATORS)
+    examples: int = _f(256, "training images the matrices average over (the first ones in file order)", gt=0)
+    seed: int = _f(0, "seed of the MC labels, the Lanczos start vector and the Hutchinson probes", ge=0)
+    tolerance: float = _f(1e-6, "Lanczos relative tolerance", gt=0.0, lt=1.0)
+    trace_samples: int = _f(30, "Hutchinson probes (the Hessian's trace under Lanczos)", gt=0)
+    norms: bool = _f(True, "also record the snapshot measures (parameter, path and Fisher-Rao norms, PAC-Bayes "
+                     "flatness) that spngd analyze --measures ranks against the generalisation gap")
+
+
 @dataclass
 class TrainConfig:
     epochs: float = _f(1.0, "training length in epochs", gt=0.0)
@@ -299,6 +324,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     kfac: KFACConfig = field(default_factory=KFACConfig)
     bayes: BayesConfig = field(default_factory=BayesConfig)
+    analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
@@ -604,6 +630,11 @@ def _check_consistency(cfg: Config) -> None:
     if cfg.optim.preconditioner == "ngd_dual" and cfg.train.precision != "fp32":
         raise ConfigError(f"config: optim.preconditioner=ngd_dual needs train.precision=fp32 (got "
                           f"{cfg.train.precision}): its rows and gradient must share one precision")
+    for key, given, known in (("analysis.matrices", cfg.analysis.matrices, ANALYSIS_MATRICES),
+                              ("analysis.approximations", cfg.analysis.approximations, ANALYSIS_APPROXIMATIONS)):
+        bad = [g for g in given if g not in known]
+        if bad or not given:
+            raise ConfigError(f"config: {key}={given} must name one or more of {', '.join(known)}")
     if sorted(cfg.optim.milestones) != cfg.optim.milestones:
         raise ConfigError(f"config: optim.milestones={cfg.optim.milestones} must be increasing")
 

@@ -8,7 +8,7 @@ import statistics
 import sys
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -186,6 +186,11 @@ class Trainer:
         if cfg.optim.preconditioner == "ngd_dual":
             from app.analysis.ngd_dual import NGDDual
             self.ngd = NGDDual(self.model, comm, cfg.optim.ngd_damping, cfg.optim.ngd_matrix)
+        self.analysis = None
+        if cfg.analysis.every_epochs > 0:  # checked here, before the first step, not at the first record
+            from app.analysis.analyze import Settings
+            self.analysis = Settings.from_config(cfg.analysis).check()
+            self.analysis.check_model(self.model)
         self.optimizer: torch.optim.Optimizer
         if cfg.optim.name in config_mod.BAYESIAN_OPTIMISERS:
             self.optimizer = build_bayes_optimizer(
@@ -390,11 +395,43 @@ class Trainer:
         period = max(1, round(every * self.steps_per_epoch))
         return step % period == 0 and step < self.total_steps
 
+    def _analysis_due(self, step: int) -> bool:
+        if self.analysis is None:
+            return False
+        period = max(1, round(self.cfg.analysis.every_epochs * self.steps_per_epoch))
+        return step % period == 0 and step < self.total_steps
+
+    def _recorder(self, run_dir: Path) -> Callable[[int], float]:
+        """``measure(step)`` records the spectra (``analysis`` section) and returns the seconds it
+        took, which the throughput figures leave out; a no-op when analysis is off."""
+        if self.analysis is None:
+            return lambda step: 0.0
+        from app.analysis.analyze import Recorder
+
+        db = Path(self.cfg.analysis.db) if self.cfg.analysis.db else run_dir / "curvature.sqlite"
+        recorder = Recorder(self.cfg, self.analysis, db, run_dir.name, self.comm, self.device)
+
+        def progress(line: str) -> None:
+            if self.comm.rank == 0:
+                log.info("%s", line)
+
+        def measure(step: int) -> float:
+            started = time.monotonic()
+            self.sync_batchnorm()
+            recorder.record(self.model, step, step / self.steps_per_epoch, progress)
+            return time.monotonic() - started
+
+        return measure
+
     def run(self, run_dir: Path) -> Summary:
         cfg, comm = self.cfg, self.comm
         ckpt = Checkpointer(run_dir, cfg.checkpoint.keep)
         if cfg.checkpoint.resume:
             self._resume(ckpt)
+        measure = self._recorder(run_dir)
+        if self.pos.step == 0:
+            measure(0)  # the initial weights: spectra over training start here
+        analysis_s = 0.0  # within the timed loop
         metrics = None
         if comm.rank == 0:
             extra = (("momentum",) if self.momentum is not None else ()) + (
@@ -447,6 +484,10 @@ class Trainer:
                 watch.check(step, mean_loss, finite)  # before any checkpoint of this step
                 if self._val_due(step):
                     val = self._log_val(metrics, step)
+                if self._analysis_due(step):
+                    spent = measure(step)
+                    analysis_s += spent
+                    window_t += spent
                 if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0:
                     self._save(ckpt)
                 if stop_now:
@@ -455,11 +496,12 @@ class Trainer:
                         log.warning("signal received: checkpoint written at step %d, exiting with %d",
                                     step, REQUEUE_EXIT)
                     raise Requeue()
-            train_time = time.monotonic() - t0
+            train_time = time.monotonic() - t0 - analysis_s
             if self.tail is not None:
                 self.tail.apply()  # the final validation, checkpoint and posterior.pt use the average
             val = self._log_val(metrics, self.pos.step)
             self._save(ckpt)
+            measure(self.pos.step)  # after the checkpoint: the spectra are of the weights it holds
         finally:
             stop.uninstall()
             if metrics is not None:

@@ -19,7 +19,7 @@ LAYERS = (
     ("app.comm",),
     ("app.launch", "app.kfac", "app.bayes", "app.analysis", "app.data", "app.models", "app.optim", "app.metrics"),
     ("app.train",),
-    ("app.bench", "app.submit", "app.gradcheck"),
+    ("app.bench", "app.submit", "app.gradcheck", "app.study"),
     tuple(CLI_LAYER),
 )
 # print() below the CLI, each with why it is not a user-facing message that belongs in the CLI.

@@ -406,6 +406,30 @@ def test_distributions(tmp_path: Path) -> None:
     assert all(isinstance(d["kfac.damping"], float) and 1e-4 <= d["kfac.damping"] <= 1e-2 for d in draws)
 
 
+def test_grid_keys_enumerate_every_combination_once(tmp_path: Path) -> None:
+    """Grid keys: trials 1..G are the G combinations (first key slowest), then repeat; random keys
+    still draw per trial; trials defaults to G and must be a multiple of it."""
+    grid = ("  optim.lr: {grid: [0.1, 0.2, 0.4]}\n  data.batch_size: {grid: [16, 32]}\n"
+            "  optim.momentum: {uniform: [0.8, 0.9]}\n")
+    sweep = sweep_mod.load_sweep(_sweep_file(tmp_path, grid, "config: configs/smoke.yaml\n"))
+    assert sweep.trials == sweep.combinations == 6 and sweep.config == "configs/smoke.yaml"
+    draws = [sweep_mod.sample(sweep, i) for i in range(1, 13)]
+    assert [(d["optim.lr"], d["data.batch_size"]) for d in draws[:6]] == \
+        [(0.1, 16), (0.1, 32), (0.2, 16), (0.2, 32), (0.4, 16), (0.4, 32)]
+    assert [list(d) for d in draws[:1]] == [["optim.lr", "data.batch_size", "optim.momentum"]]  # the file's order
+    assert [(d["optim.lr"], d["data.batch_size"]) for d in draws[6:]] == \
+        [(d["optim.lr"], d["data.batch_size"]) for d in draws[:6]]
+    assert len({d["optim.momentum"] for d in draws}) == 12
+    assert sweep_mod.resolve_trials(sweep, 12).trials == 12
+    with pytest.raises(ConfigError, match="multiple of the grid's 6 combinations"):
+        sweep_mod.resolve_trials(sweep, 8)
+    with pytest.raises(ConfigError, match="grid needs a non-empty list"):
+        sweep_mod.load_sweep(_sweep_file(tmp_path, "  optim.lr: {grid: []}\n"))
+    again = sweep_mod.load_sweep(_sweep_file(tmp_path, grid, "config: configs/smoke.yaml\n"))
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(again.to_dict(), sort_keys=False))  # as submit writes it
+    assert sweep_mod.load_sweep(tmp_path / "spec.yaml") == again
+
+
 def test_trial_overrides_round_trip_through_the_config(tmp_path: Path) -> None:
     """What the script passes with --set is exactly what sweep-report derives."""
     sweep = sweep_mod.load_sweep(REPO / "configs/sweeps/demo_lr.yaml")

@@ -1,10 +1,8 @@
-"""``spngd analyze``: the spectra of a trained network's information matrices into the database.
+"""``spngd analyze`` and the training hook ``analysis.every_epochs``: the spectra of a network's
+information matrices, and the snapshot measures, into the database.
 
-Every rank holds a contiguous shard of the first ``examples`` training images (file order, the
-validation transform: the training set as a measurement sees it, with no augmentation), so the
-products of large models spread over the job. Rank 0 owns the database: it says which
-(matrix, approximation) pairs are already stored for this (run, step, seed) — a killed analysis
-run again continues where it stopped — and writes one row per result as soon as it is computed.
+Every rank holds a contiguous shard of the first ``examples`` training images, so the products of
+large models spread over the job.
 """
 
 from __future__ import annotations
@@ -20,13 +18,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from app import config as config_mod
-from app.analysis.db import SpectrumRow, git_commit, open_db
+from app.analysis.db import SnapshotRow, SpectrumRow, git_commit, open_db
+from app.analysis.measures import snapshot_norms
 from app.analysis.operators import MATRICES, Curvature
 from app.analysis.spectra import APPROXIMATIONS, ESTIMATORS, HESSIAN_DIAG_LIMIT, KFAC_MATRICES, spectrum
 from app.checkpoint import Checkpointer
 from app.checkpoint import load as load_checkpoint
 from app.comm.base import Comm
-from app.config import Config
+from app.config import AnalysisConfig, Config
 from app.data import PAD, build_loaders
 from app.errors import CheckpointError, UserError
 from app.models import build_model
@@ -35,13 +34,10 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 @dataclass(frozen=True)
-class Request:
-    """What to analyse; ``check`` turns it into a ``Job`` or one ``UserError`` line."""
+class Settings:
+    """What each measurement computes: the ``analysis`` config section (training hook) and the
+    ``spngd analyze`` flags are both this."""
 
-    db: Path
-    run: Path | None = None  # a run directory: its config.yaml and newest verified checkpoint
-    config: Path | None = None  # or a config file and ``checkpoint``
-    checkpoint: Path | None = None
     matrices: Sequence[str] = ("ggn",)
     approximations: Sequence[str] = ("full",)
     top_k: int = 10
@@ -50,6 +46,44 @@ class Request:
     seed: int = 0
     tolerance: float = 1e-6
     trace_samples: int = 30
+    norms: bool = True
+
+    @classmethod
+    def from_config(cls, a: AnalysisConfig) -> Settings:
+        return cls(tuple(a.matrices), tuple(a.approximations), a.top_k, a.estimator, a.examples, a.seed,
+                   a.tolerance, a.trace_samples, a.norms)
+
+    def check(self) -> Settings:
+        """One ``UserError`` line for the first bad value."""
+        _choices("matrix", self.matrices, MATRICES)
+        _choices("approximation", self.approximations, APPROXIMATIONS)
+        if self.estimator not in ESTIMATORS:
+            raise UserError(f"analyze: unknown estimator {self.estimator!r}; choose from {', '.join(ESTIMATORS)}")
+        if self.top_k < 1 or self.examples < 1 or self.trace_samples < 1:
+            raise UserError("analyze: --top-k, --examples and --trace-samples must be positive integers")
+        if not 0 < self.tolerance < 1:
+            raise UserError(f"analyze: --tolerance={self.tolerance} must be in (0, 1)")
+        if self.estimator == "dual" and "hessian" in self.matrices:
+            raise UserError("analyze: the estimator dual needs a Gram matrix; the Hessian has none (use auto)")
+        return self
+
+    def check_model(self, model: nn.Module) -> None:
+        """What only the network decides: the exact Hessian diagonal's cost."""
+        params = _params(model)
+        if "hessian" in self.matrices and "diag" in self.approximations and params > HESSIAN_DIAG_LIMIT:
+            raise UserError(f"analyze: the exact Hessian diagonal takes one product per parameter ({params}); "
+                            "leave diag out for the Hessian's run or use --approx full,block")
+
+
+@dataclass(frozen=True)
+class Request:
+    """A checkpoint to analyse; ``check`` turns it into a ``Job`` or one ``UserError`` line."""
+
+    db: Path
+    run: Path | None = None  # a run directory: its config.yaml and newest verified checkpoint
+    config: Path | None = None  # or a config file and ``checkpoint``
+    checkpoint: Path | None = None
+    settings: Settings = Settings()
 
 
 @dataclass
@@ -73,18 +107,13 @@ def _choices(kind: str, given: Sequence[str], known: Sequence[str]) -> list[str]
     return list(dict.fromkeys(given))
 
 
+def _params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
 def check(req: Request) -> Job:
     """Validate every argument and load the run (no collective yet)."""
-    _choices("matrix", req.matrices, MATRICES)
-    _choices("approximation", req.approximations, APPROXIMATIONS)
-    if req.estimator not in ESTIMATORS:
-        raise UserError(f"analyze: unknown estimator {req.estimator!r}; choose from {', '.join(ESTIMATORS)}")
-    if req.top_k < 1 or req.examples < 1 or req.trace_samples < 1:
-        raise UserError("analyze: --top-k, --examples and --trace-samples must be positive integers")
-    if not 0 < req.tolerance < 1:
-        raise UserError(f"analyze: --tolerance={req.tolerance} must be in (0, 1)")
-    if req.estimator == "dual" and "hessian" in req.matrices:
-        raise UserError("analyze: the estimator dual needs a Gram matrix; the Hessian has none (use auto)")
+    req.settings.check()
     if (req.run is None) == (req.config is None):
         raise UserError("analyze: give --run DIR, or --config FILE with --checkpoint PATH")
     if req.run is not None:
@@ -142,71 +171,120 @@ def _shard(n: int, rank: int, size: int) -> slice:
     return slice(n * rank // size, n * (rank + 1) // size)
 
 
+class Recorder:
+    """Measures one run's network at chosen steps into the database (collective).
+
+    The data is read once: every rank keeps its shard of the training set (file order, the
+    validation transform: the training set as a measurement sees it, with no augmentation) and of
+    the validation set, so training can call ``record`` every few epochs without reloading.
+    Rank 0 owns the database: it says which results are already stored for this (run, step,
+    seed) — a killed analysis run again continues where it stopped — and writes each row as
+    soon as it is computed.
+    """
+
+    def __init__(self, cfg: Config, settings: Settings, db: Path, run: str, comm: Comm,
+                 device: torch.device) -> None:
+        self.cfg, self.settings, self.db, self.run, self.comm = cfg, settings, db, run, comm
+        self.dtype = getattr(torch, cfg.train.dtype)
+        train, val, self.info = build_loaders(cfg, 0, 1, device, seed=cfg.train.seed, eval_train=True)
+        x, y = _images(train, None)
+        xv, yv = _images(val, None)
+        part, vpart = _shard(len(x), comm.rank, comm.size), _shard(len(xv), comm.rank, comm.size)
+        self.train_set = (x[part].to(self.dtype), y[part])
+        self.val_set = (xv[vpart].to(self.dtype), yv[vpart])
+        self.examples = min(settings.examples, len(x))
+        mine = _shard(self.examples, comm.rank, comm.size)
+        self.offset = mine.start
+        self.analysed = (x[mine].to(self.dtype), y[mine])
+        self.commit = git_commit(REPO) if comm.rank == 0 else ""
+
+    def record(self, model: nn.Module, step: int, epoch: float,
+               progress: Callable[[str], None] | None = None) -> int:
+        """Every requested (matrix, approximation) and the snapshot measures of ``model`` at
+        ``step`` that the database lacks; returns the rows written (on every rank). The model
+        is measured in eval mode and given back in the mode it came in."""
+        training = model.training
+        model.eval()
+        try:
+            return self._record(model, step, epoch, progress)
+        finally:
+            model.train(training)
+
+    def _record(self, model: nn.Module, step: int, epoch: float, progress: Callable[[str], None] | None) -> int:
+        s, comm, cfg = self.settings, self.comm, self.cfg
+        pairs = [(m, a) for m in s.matrices for a in s.approximations if a != "kfac" or m in KFAC_MATRICES]
+        todo = torch.ones(len(pairs) + 1, dtype=torch.int64)  # the last one: the snapshot measures
+        db = open_db(self.db) if comm.rank == 0 else None
+        try:
+            if db is not None:
+                for i, (m, a) in enumerate(pairs):
+                    todo[i] = 0 if db.has(self.run, step, m, a, None, s.seed) else 1
+                todo[-1] = int(s.norms and not db.has_snapshot(self.run, step, s.seed))
+            comm.broadcast(todo, root=0, name="analyze_todo")
+            if not any(todo.tolist()):
+                return 0
+            train_loss, train_acc = _loss_acc(model, *self.train_set, comm, cfg.data.batch_size)
+            val_loss, val_acc = _loss_acc(model, *self.val_set, comm, cfg.data.batch_size)
+            common: dict[str, Any] = dict(run=self.run, step=step, epoch=epoch, dataset=_dataset(cfg), model=cfg.model.arch,
+                          seed=s.seed, examples=self.examples, train_loss=train_loss, train_acc=train_acc,
+                          val_loss=val_loss, val_acc=val_acc, params=_params(model), hparams=_hparams(cfg),
+                          git_commit=self.commit)
+            written = 0
+            for (matrix, approximation), due in zip(pairs, todo.tolist()):
+                if not due:
+                    if progress:
+                        progress(f"analyze: {matrix}/{approximation} at step {step} already in {self.db}, skipped")
+                    continue
+                started = time.perf_counter()
+                sp = spectrum(self._operator(model, matrix), approximation, s.top_k, s.estimator,
+                              tol=s.tolerance, seed=s.seed, trace_samples=s.trace_samples)
+                seconds = time.perf_counter() - started
+                if db is not None:
+                    db.insert(SpectrumRow(
+                        **common, matrix=matrix, approximation=approximation, estimator=sp.estimator, k=sp.k,
+                        eigenvalues=tuple(sp.eigenvalues), trace=sp.trace, trace_estimator=sp.trace_estimator,
+                        tolerance=sp.tolerance, seconds=seconds))
+                written += 1
+                if progress:
+                    top = ", ".join(f"{v:.4g}" for v in sp.eigenvalues[:3])
+                    progress(f"analyze: step {step} {matrix}/{approximation} [{sp.estimator}] top {top} trace "
+                             f"{sp.trace:.4g} ({sp.products} products, {seconds:.1f} s)")
+            if todo[-1]:
+                started = time.perf_counter()
+                norms = snapshot_norms(model, *self.analysed, comm, total=self.examples, seed=s.seed,
+                                       chunk=cfg.data.batch_size)
+                seconds = time.perf_counter() - started
+                if db is not None:
+                    db.insert_snapshot(SnapshotRow(**common, **norms, seconds=seconds))
+                written += 1
+                if progress:
+                    shown = ", ".join(f"{k} {v:.4g}" for k, v in norms.items())
+                    progress(f"analyze: step {step} snapshot {shown} ({seconds:.1f} s)")
+            return written
+        finally:
+            if db is not None:
+                db.close()
+
+    def _operator(self, model: nn.Module, matrix: str) -> Curvature:
+        x, y = self.analysed
+        return Curvature(model, x, y, matrix, self.comm, total=self.examples, offset=self.offset,
+                         seed=self.settings.seed, chunk=self.cfg.data.batch_size)
+
+
 def analyze(job: Job, comm: Comm, device: torch.device, progress: Callable[[str], None] | None = None) -> int:
-    """Compute and store every requested (matrix, approximation) not yet in the database
-    (collective); returns the rows written (on every rank)."""
-    req, cfg = job.request, job.cfg
-    dtype = getattr(torch, cfg.train.dtype)
-    train, val, info = build_loaders(cfg, 0, 1, device, seed=cfg.train.seed, eval_train=True)
+    """Measure the job's checkpoint (collective); returns the rows written (on every rank)."""
+    cfg, settings = job.cfg, job.request.settings
+    recorder = Recorder(cfg, settings, job.request.db, job.run_name, comm, device)
     try:
-        model = build_model(cfg.model, info.num_classes, in_channels=info.channels).to(device=device, dtype=dtype)
-        model.load_state_dict(job.state["model"])
+        model = build_model(cfg.model, recorder.info.num_classes, in_channels=recorder.info.channels)
+        model.to(device=device, dtype=recorder.dtype).load_state_dict(job.state["model"])
     except (ValueError, RuntimeError):
         raise CheckpointError(f"checkpoint {job.checkpoint} does not fit the run's model ({cfg.model.arch})") from None
-    model.eval()
-    params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    if "hessian" in req.matrices and "diag" in req.approximations and params > HESSIAN_DIAG_LIMIT:
-        raise UserError(f"analyze: the exact Hessian diagonal takes one product per parameter ({params}); "
-                        "leave diag out for the Hessian's run or use --approx full,block")
+    settings.check_model(model)
     step = int(job.state.get("step", 0))
-    steps_per_epoch = max(1, info.train_size // (cfg.data.batch_size * int(job.state.get("world_size", 1))
-                                                  * cfg.optim.grad_accum))
-    x_all, y_all = _images(train, None)
-    xv, yv = _images(val, None)
-    part, vpart = _shard(len(x_all), comm.rank, comm.size), _shard(len(xv), comm.rank, comm.size)
-    train_loss, train_acc = _loss_acc(model, x_all[part].to(dtype), y_all[part], comm, cfg.data.batch_size)
-    val_loss, val_acc = _loss_acc(model, xv[vpart].to(dtype), yv[vpart], comm, cfg.data.batch_size)
-    n = min(req.examples, len(x_all))
-    mine = _shard(n, comm.rank, comm.size)
-    run = job.run_name
-    pairs = [(m, a) for m in req.matrices for a in req.approximations if a != "kfac" or m in KFAC_MATRICES]
-    todo = torch.ones(len(pairs), dtype=torch.int64)
-    db = open_db(req.db) if comm.rank == 0 else None
-    if db is not None:
-        for i, (m, a) in enumerate(pairs):
-            todo[i] = 0 if db.has(run, step, m, a, None, req.seed) else 1
-    comm.broadcast(todo, root=0, name="analyze_todo")
-    commit = git_commit(REPO) if comm.rank == 0 else ""
-    written = 0
-    try:
-        for (matrix, approximation), due in zip(pairs, todo.tolist()):
-            if not due:
-                if progress:
-                    progress(f"analyze: {matrix}/{approximation} already in {req.db}, skipped")
-                continue
-            started = time.perf_counter()
-            curv = Curvature(model, x_all[mine].to(dtype), y_all[mine], matrix, comm, total=n, offset=mine.start,
-                             seed=req.seed, chunk=cfg.data.batch_size)
-            s = spectrum(curv, approximation, req.top_k, req.estimator, tol=req.tolerance, seed=req.seed,
-                         trace_samples=req.trace_samples)
-            seconds = time.perf_counter() - started
-            if db is not None:
-                db.insert(SpectrumRow(
-                    run=run, step=step, epoch=step / steps_per_epoch, dataset=_dataset(cfg), model=cfg.model.arch,
-                    matrix=matrix, approximation=approximation, estimator=s.estimator, k=s.k,
-                    eigenvalues=tuple(s.eigenvalues), trace=s.trace, trace_estimator=s.trace_estimator,
-                    tolerance=s.tolerance, seed=s.seed, examples=n, train_loss=train_loss, train_acc=train_acc,
-                    val_loss=val_loss, val_acc=val_acc, params=params,
-                    hparams=_hparams(cfg), git_commit=commit, seconds=seconds))
-            written += 1
-            if progress:
-                top = ", ".join(f"{v:.4g}" for v in s.eigenvalues[:3])
-                progress(f"analyze: {matrix}/{approximation} [{s.estimator}] top {top} trace {s.trace:.4g} "
-                         f"({s.products} products, {seconds:.1f} s)")
-    finally:
-        if db is not None:
-            db.close()
-    return written
+    steps_per_epoch = max(1, recorder.info.train_size // (cfg.data.batch_size * int(job.state.get("world_size", 1))
+                                                           * cfg.optim.grad_accum))
+    return recorder.record(model, step, step / steps_per_epoch, progress)
 
 
 def _dataset(cfg: Config) -> str:
@@ -222,4 +300,4 @@ def _hparams(cfg: Config) -> dict[str, Any]:
             "epochs": cfg.train.epochs, "seed": cfg.train.seed}
 
 
-__all__ = ["Job", "Request", "analyze", "check"]
+__all__ = ["Job", "Recorder", "Request", "Settings", "analyze", "check"]

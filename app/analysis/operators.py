@@ -39,9 +39,10 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp, vjp, vmap
 
 from app.comm.base import Comm
+from app.config import ANALYSIS_MATRICES
 from app.errors import UserError
 
-MATRICES = ("hessian", "ggn", "mc", "emp", "cov")
+MATRICES = ANALYSIS_MATRICES
 ROW_MATRICES = ("ggn", "mc", "emp", "cov")
 
 Params = dict[str, Tensor]

@@ -28,10 +28,11 @@ from scipy.sparse.linalg import LinearOperator, eigsh  # type: ignore[import-unt
 from torch import Tensor, nn
 
 from app.analysis.operators import ROW_MATRICES, Block, Curvature
+from app.config import ANALYSIS_APPROXIMATIONS, ANALYSIS_ESTIMATORS
 from app.errors import UserError
 
-APPROXIMATIONS = ("full", "block", "kfac", "diag")
-ESTIMATORS = ("auto", "dense", "lanczos", "dual")
+APPROXIMATIONS = ANALYSIS_APPROXIMATIONS
+ESTIMATORS = ANALYSIS_ESTIMATORS
 DENSE_LIMIT = 2048
 HESSIAN_DIAG_LIMIT = 8 * DENSE_LIMIT  # one Hessian product per parameter
 KFAC_MATRICES = ("ggn", "mc", "emp")

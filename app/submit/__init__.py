@@ -48,15 +48,16 @@ def build_job(args: Request, *, workdir: Path, python_bin: Path,
         raise UserError(f"submit: system {profile.name} charges a group: add --group <your group>")
     if profile.group == "unsupported" and args.group:
         raise UserError(f"submit: system {profile.name} takes no --group")
+    sweep = None
+    if args.sweep:
+        sweep = sweep_mod.resolve_trials(sweep_mod.load_sweep(args.sweep), args.trials)
+        if sweep.trials < 2:
+            raise UserError(f"submit: a sweep needs --trials >= 2 (got {sweep.trials})")
+        args = dataclasses.replace(args, config=args.config or sweep.config or None)
     if not args.config:
         raise UserError("submit: --config is required")
     cfg = config_mod.load(args.config, args.overrides)
-    sweep = None
-    if args.sweep:
-        sweep = sweep_mod.load_sweep(args.sweep)
-        sweep = dataclasses.replace(sweep, trials=args.trials or sweep.trials)
-        if sweep.trials < 2:
-            raise UserError(f"submit: a sweep needs --trials >= 2 (got {sweep.trials})")
+    if sweep:
         sweep_mod.check(sweep, args.config, args.overrides)
     elif args.trials:
         raise UserError("submit: --trials needs --sweep FILE")

@@ -15,6 +15,13 @@ adding a parameter to the file leaves the others' draws unchanged.
       optim.momentum: {uniform: [0.8, 0.95]}
       optim.nesterov: {choice: [true, false]}
     trials: 8                     # optional; --trials overrides it
+
+A parameter given as ``{grid: [a, b, ...]}`` is swept exhaustively instead: trial i takes
+combination (i - 1) mod G of the grid keys (G = the product of their lengths, the first key
+varying slowest), and ``trials`` defaults to G and must be a multiple of it (repeats then differ
+in their random keys, e.g. the seed). ``config:`` names the base configuration, so that
+``spngd analyze --grid FILE`` (the curvature study) and ``spngd submit --sweep FILE`` need no
+``--config``.
 """
 
 from __future__ import annotations
@@ -37,7 +44,7 @@ from app import config as config_mod
 from app.errors import ConfigError
 from app.metrics import parse_final_line
 
-Kind = Literal["uniform", "log_uniform", "choice"]
+Kind = Literal["uniform", "log_uniform", "choice", "grid"]
 SPEC_NAME = "sweep.yaml"        # the normalised sweep file kept in the sweep directory
 REPORT_NAME = "report.csv"
 _TRIAL_DIR = re.compile(r"trial-(\d+)$")
@@ -59,10 +66,17 @@ class Sweep:
     goal: Literal["max", "min"]
     params: tuple[Param, ...]
     trials: int                 # 0 = not given in the file (then --trials decides)
+    config: str = ""            # the base configuration, when the file names one
+
+    @property
+    def combinations(self) -> int:
+        """G, the grid's size (1 without grid keys)."""
+        return math.prod(len(p.values) for p in self.params if p.kind == "grid")
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "seed": self.seed, "metric": self.metric, "goal": self.goal,
-                "trials": self.trials, "parameters": {p.key: {p.kind: list(p.values)} for p in self.params}}
+                "trials": self.trials, "parameters": {p.key: {p.kind: list(p.values)} for p in self.params},
+                **({"config": self.config} if self.config else {})}
 
 
 def _key_type(key: str) -> Any:
@@ -84,12 +98,12 @@ def _param(key: str, spec: Any) -> Param:
     kinds = typing.get_args(Kind)
     if not (isinstance(spec, dict) and len(spec) == 1 and next(iter(spec)) in kinds):
         raise ConfigError(f"{where} must be one of {{uniform: [low, high]}}, {{log_uniform: [low, high]}}, "
-                          "{choice: [a, b, ...]}")
+                          "{choice: [a, b, ...]}, {grid: [a, b, ...]}")
     kind, values = next(iter(spec.items()))
     tp = _key_type(key)
-    if kind == "choice":
+    if kind in ("choice", "grid"):
         if not isinstance(values, list) or not values:
-            raise ConfigError(f"{where}: choice needs a non-empty list")
+            raise ConfigError(f"{where}: {kind} needs a non-empty list")
         return Param(key, kind, tuple(values), tp)
     if tp not in (int, float):
         raise ConfigError(f"{where}: {kind} needs a numeric key, and {key} is not one (use choice)")
@@ -113,7 +127,7 @@ def load_sweep(path: str | Path) -> Sweep:
         data = yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError:
         raise ConfigError(f"sweep: {p} is not valid YAML") from None
-    known = {"name", "seed", "metric", "goal", "parameters", "trials"}
+    known = {"name", "seed", "metric", "goal", "parameters", "trials", "config"}
     if not isinstance(data, dict) or set(data) - known:
         extra = sorted(set(data) - known) if isinstance(data, dict) else ["(not a mapping)"]
         raise ConfigError(f"sweep: {p}: unknown key {extra[0]!r} (known: {', '.join(sorted(known))})")
@@ -132,8 +146,20 @@ def load_sweep(path: str | Path) -> Sweep:
     name = str(data.get("name") or p.stem)
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
         raise ConfigError(f"sweep: name={name!r} may use letters, digits, '_', '.', '-'")
-    return Sweep(name, seed, str(data.get("metric", "val_top1")), goal,
-                 tuple(_param(str(k), v) for k, v in params.items()), trials)
+    config = data.get("config", "")
+    if not isinstance(config, str):
+        raise ConfigError(f"sweep: config={config!r} must be the path of a configuration file")
+    sweep = Sweep(name, seed, str(data.get("metric", "val_top1")), goal,
+                  tuple(_param(str(k), v) for k, v in params.items()), trials, config)
+    return resolve_trials(sweep, trials)
+
+
+def resolve_trials(sweep: Sweep, trials: int | None) -> Sweep:
+    """``sweep`` with ``trials`` (0/None: the file's, else the grid's size) checked against its grid."""
+    n = trials or sweep.trials or (sweep.combinations if sweep.combinations > 1 else 0)
+    if n and n % sweep.combinations:
+        raise ConfigError(f"sweep: trials={n} must be a multiple of the grid's {sweep.combinations} combinations")
+    return dataclasses.replace(sweep, trials=n)
 
 
 def _round(value: float, tp: Any) -> int | float:
@@ -144,9 +170,16 @@ def _round(value: float, tp: Any) -> int | float:
 def sample(sweep: Sweep, index: int) -> dict[str, Any]:
     """Trial ``index``'s values, from (seed, index, key) alone."""
     out: dict[str, Any] = {}
+    combination = (index - 1) % sweep.combinations
+    for p in reversed(sweep.params):  # mixed radix, the first grid key the most significant digit
+        if p.kind == "grid":
+            combination, digit = divmod(combination, len(p.values))
+            out[p.key] = p.values[digit]
     for p in sweep.params:
         rng = np.random.default_rng([sweep.seed, index, zlib.crc32(p.key.encode())])
-        if p.kind == "choice":
+        if p.kind == "grid":
+            out[p.key] = out.pop(p.key)  # the file's key order
+        elif p.kind == "choice":
             out[p.key] = p.values[int(rng.integers(len(p.values)))]
         elif p.kind == "uniform":
             out[p.key] = _round(rng.uniform(float(p.values[0]), float(p.values[1])), p.type)

@@ -1,0 +1,101 @@
+"""The training hook ``analysis.every_epochs`` and the grid of ``spngd analyze --grid``: rows at the
+right steps, training itself untouched, resumption, one-line errors."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+import torch
+
+from app import config, launch, study
+from app.analysis.db import open_db
+from app.checkpoint import Checkpointer
+from app.comm import Comm
+from app.config import ConfigError
+from app.train import train
+
+REPO = Path(__file__).resolve().parents[1]
+# 10 steps of the smoke run, spectra every 5 (0.02 of its 250-step epoch) on 16 examples
+HOOK = ["train.max_steps=10", "train.log_every=1", "output.plot=false", "analysis.examples=16",
+        "analysis.top_k=3", "analysis.matrices=[ggn, emp]", "analysis.approximations=[full, kfac]"]
+
+
+def _train(world: tuple[launch.World, Comm], tmp: Path, name: str, *overrides: str) -> Path:
+    torch.set_num_threads(1)
+    cfg = config.load(REPO / "configs" / "smoke.yaml", [*HOOK, *overrides, f"output.dir={tmp}", f"output.name={name}"])
+    train(cfg, world[0], world[1], torch.device("cpu"))
+    return tmp / name
+
+
+def _losses(run: Path) -> list[str]:
+    with (run / "metrics.csv").open() as f:
+        return [r["loss"] for r in csv.DictReader(f) if r["kind"] == "train"]
+
+
+def test_hook_records_at_its_steps_and_leaves_training_unchanged(world: tuple[launch.World, Comm],
+                                                                 tmp_path: Path) -> None:
+    plain = _train(world, tmp_path, "plain")
+    hooked = _train(world, tmp_path, "hooked", "analysis.every_epochs=0.02")
+    assert _losses(hooked) == _losses(plain)  # measuring draws no random numbers the training uses
+    a, b = (Checkpointer(r, 2).load_latest() for r in (plain, hooked))
+    assert a is not None and b is not None
+    assert all(torch.equal(a[0]["model"][k], b[0]["model"][k]) for k in a[0]["model"])
+    with open_db(hooked / "curvature.sqlite") as db:
+        rows = db.rows(run="hooked")
+        assert {(r.step, r.matrix, r.approximation) for r in rows} == \
+            {(s, m, a) for s in (0, 5, 10) for m in ("ggn", "emp") for a in ("full", "kfac")}
+        assert all(len(r.eigenvalues) == 3 and r.examples == 16 and r.epoch == r.step / 250 for r in rows)
+        assert {r.step for r in db.snapshots(run="hooked")} == {0, 5, 10}
+    assert not (plain / "curvature.sqlite").exists()
+    again = _train(world, tmp_path, "hooked", "analysis.every_epochs=0.02", "checkpoint.resume=auto")
+    with open_db(again / "curvature.sqlite") as db:  # resumed at the end: nothing measured twice
+        assert len(db.rows(run="hooked")) == 12
+
+
+@pytest.mark.parametrize(("override", "needle"), [
+    ("analysis.matrices=[fisher]", "analysis.matrices=['fisher'] must name one or more of hessian"),
+    ("analysis.approximations=[]", "analysis.approximations=[] must name"),
+    ("analysis.every_epochs=-1", "analysis.every_epochs"),
+    ("analysis.estimator=exact", "analysis.estimator"),
+])
+def test_bad_analysis_settings_are_one_config_line(override: str, needle: str) -> None:
+    with pytest.raises(ConfigError, match=needle.replace("[", r"\[").replace("]", r"\]")) as err:
+        config.load(REPO / "configs" / "smoke.yaml", [override])
+    assert "\n" not in str(err.value)
+
+
+def _grid(tmp: Path, body: str) -> Path:
+    path = tmp / "g.yaml"
+    path.write_text(f"name: tiny\nconfig: {REPO / 'configs' / 'smoke.yaml'}\n{body}")
+    return path
+
+
+def test_grid_trains_each_trial_into_one_database_and_resumes(world: tuple[launch.World, Comm],
+                                                             tmp_path: Path) -> None:
+    torch.set_num_threads(1)
+    path = _grid(tmp_path, "parameters:\n  optim.lr: {grid: [0.02, 0.05]}\n")
+    sets = [*HOOK, "train.max_steps=4", "analysis.every_epochs=1", "analysis.matrices=[ggn]",
+            "analysis.approximations=[full]", f"output.dir={tmp_path}"]
+    plan = study.plan(path, None, sets)
+    assert plan.db == tmp_path / "tiny.sqlite" and [t.run_dir.name for t in plan.trials] == ["trial-001", "trial-002"]
+    lines: list[str] = []
+    assert study.run(plan, world[0], world[1], torch.device("cpu"), lines.append) == (2, 0, 0)
+    with open_db(plan.db) as db:
+        rows = db.rows()
+        assert {(r.run, r.step) for r in rows} == {(f"trial-00{i}", s) for i in (1, 2) for s in (0, 4)}
+        assert {r.run: r.hparams["lr"] for r in rows} == {"trial-001": 0.02, "trial-002": 0.05}
+    assert study.run(study.plan(path, None, sets), world[0], world[1], torch.device("cpu"), lines.append) == (0, 2, 0)
+
+
+@pytest.mark.parametrize(("body", "sets", "needle"), [
+    ("parameters:\n  optim.lr: {grid: [0.1]}\n", [], "records nothing: set analysis.every_epochs"),
+    ("parameters:\n  optim.lr: {grid: [0.1, 2000]}\n", ["analysis.every_epochs=1"], "trial 2 (optim.lr=2000)"),
+])
+def test_grid_refuses_before_training(tmp_path: Path, body: str, sets: list[str], needle: str) -> None:
+    with pytest.raises(ConfigError, match=needle.replace("(", r"\(").replace(")", r"\)")):
+        study.plan(_grid(tmp_path, body), None, [*sets, f"output.dir={tmp_path}"])
+    with pytest.raises(ConfigError, match="names no base configuration"):
+        (tmp_path / "n.yaml").write_text("parameters:\n  optim.lr: {grid: [0.1]}\n")
+        study.plan(tmp_path / "n.yaml", None, [])
