@@ -103,16 +103,18 @@ def snapshot_norms(model: nn.Module, x: Tensor, y: Tensor, comm: Comm, *, total:
 
 
 def path_norm(model: nn.Module, input_shape: Sequence[int]) -> float:
-    """The path norm (Neyshabur et al. 2015; Jiang et al. 2020's ``path.norm``): sqrt of the sum of the
-    outputs of the network with every parameter squared on one all-ones input, which for a network of
-    linear maps and ReLUs is sqrt of the sum over all input-output paths of the product of the squared
-    weights on the path (a bias starts a path of its own).
+    """The l2 path norm (Neyshabur et al. 2015): sqrt of the sum of the outputs of the network with
+    every parameter squared on one all-ones input, which for a network of linear maps and ReLUs is
+    sqrt of the sum over all input-output paths of the product of the squared weights on the path (a
+    bias starts a path of its own). Jiang et al. 2020's ``path.norm`` is the sum without the root:
+    the same ranking.
 
     On a float64 deep copy in eval mode. BatchNorm is the affine map it computes in eval mode,
     x -> a x + b with a = gamma / sqrt(running_var + eps) and b = beta - a running_mean, so its
-    squared parameters are a^2 and b^2 (the copy's statistics are set to mean 0, variance 1, eps 0):
-    the same number as Jiang et al.'s code, which folds BatchNorm into the preceding bias-free
-    convolution first. Other layers (other normalisations, tanh) are applied as they are, where the
+    squared parameters are a^2 and b^2 (the copy's statistics are set to mean 0, variance 1, eps 0).
+    When the layer before it has no bias (as in ResNets) this equals folding the BatchNorm into that
+    layer first, as the code of Neyshabur et al. and of Dziugaite et al. 2020 does, without having to
+    find that layer. Other layers (other normalisations, tanh) are applied as they are, where the
     path interpretation does not hold.
     """
     net = copy.deepcopy(model).double().eval()
@@ -190,9 +192,10 @@ def perturbed_accuracy(model: nn.Module, x: Tensor, y: Tensor, comm: Comm, sigma
 def _correct_counts(model: nn.Module, params: dict[str, Tensor], x: Tensor, y: Tensor, comm: Comm,
                     sigma: float | None, seed: int, draws: int, chunk: int) -> Tensor:
     """Correct predictions over all ranks' examples for each draw (float64 integers; one allreduce);
-    ``sigma`` None: the unperturbed network. In eval mode (BatchNorm on its running statistics, which
+    ``sigma`` None: the unperturbed network. The noise is drawn on the CPU (the same numbers on any
+    device) and moved to the parameters' device. In eval mode (BatchNorm on its running statistics, which
     stay as they are); the model's mode is restored after."""
-    counts = torch.zeros(draws, dtype=torch.float64)
+    counts = [0] * draws
     dim = sum(p.numel() for p in params.values())
     training = model.training
     model.eval()
@@ -206,19 +209,18 @@ def _correct_counts(model: nn.Module, params: dict[str, Tensor], x: Tensor, y: T
                 point = {n: p + (sigma * part).view(p.shape).to(p) for (n, p), part in zip(params.items(), parts)}
             for i in range(0, len(x), chunk):
                 out = functional_call(model, point, (x[i:i + chunk],))
-                counts[m] += float((out.argmax(1) == y[i:i + chunk]).sum())
+                counts[m] += int((out.argmax(1) == y[i:i + chunk]).sum())
     model.train(training)
-    comm.allreduce(counts, op="sum", name="pacbayes")
-    return counts
+    return comm.allreduce(torch.tensor(counts, dtype=torch.float64, device=comm.device), op="sum", name="pacbayes")
 
 
 # -- the family of models ----------------------------------------------------------------------
 
-MEASURES = {
-    "lambda_max": "lambda_max, top eigenvalue",
-    "hessian_lambda_max": "lambda_max of the Hessian",
-    "trace": "trace",
-    "effective_dim": "effective dimension N_eff",
+MEASURES = {  # name -> label; {m} is the ranked matrix/approximation
+    "lambda_max": "lambda_max of {m}",
+    "hessian_lambda_max": "lambda_max of hessian/{a}",
+    "trace": "trace of {m}",
+    "effective_dim": "effective dimension N_eff of {m}",
     "fisher_rao_norm": "Fisher-Rao norm theta^T F theta",
     "pacbayes_flatness": "PAC-Bayes flatness 1/sigma'^2",
     "param_norm": "parameter norm (baseline)",
@@ -360,11 +362,12 @@ def render_markdown(table: Table) -> str:
         return "-" if math.isnan(x) else f"{x:+.3f}"
 
     head = ["measure", "models", "Kendall tau"] + [f"psi {a}" for a in table.axes] + ["Psi"]
-    lines = [f"{table.models} models; curvature of {table.matrix}/{table.approximation}; N_eff with "
-             f"z = {table.neff_ratio:g} lambda_max", "",
+    lines = [f"{table.models} models, each at its last snapshot; N_eff with z = {table.neff_ratio:g} lambda_max",
+             "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for s in table.scores:
-        row = [MEASURES[s.measure], str(s.models), cell(s.tau)] + [cell(s.psi[a]) for a in table.axes] + \
+        label = MEASURES[s.measure].format(m=f"{table.matrix}/{table.approximation}", a=table.approximation)
+        row = [label, str(s.models), cell(s.tau)] + [cell(s.psi[a]) for a in table.axes] + \
               [cell(s.granulated)]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
