@@ -213,11 +213,14 @@ def build_parser() -> argparse.ArgumentParser:
         "Hutchinson. Products are spread over the ranks. One row per result in the table spectra of --db "
         "(schema: app/analysis/db.py); pairs already stored for this run, step and seed are skipped, so a "
         "killed analysis continues. Example: mpirun -np 2 spngd analyze --run runs/demo --matrices "
-        "hessian,ggn,mc,emp,cov --approx full,block,kfac,diag --top-k 10 --db runs/curvature.sqlite")
+        "hessian,ggn,mc,emp,cov --approx full,block,kfac,diag --top-k 10 --db runs/curvature.sqlite. "
+        "--plot DB draws the stored spectra over training; --measures DB ranks the generalisation measures of "
+        "its models against their gap (Kendall tau and granulated Kendall, Jiang et al. 2020).")
     analyze.add_argument("--run", metavar="DIR", help="a run directory (its config and newest checkpoint)")
     analyze.add_argument("--config", metavar="FILE", help="or a config file, with --checkpoint")
     analyze.add_argument("--checkpoint", metavar="PATH", help="the checkpoint to analyse")
-    analyze.add_argument("--matrices", default="ggn", type=_names, help="comma-separated: hessian,ggn,mc,emp,cov")
+    analyze.add_argument("--matrices", "--matrix", default="ggn", type=_names,
+                         help="comma-separated: hessian,ggn,mc,emp,cov (--measures: the one ranked)")
     analyze.add_argument("--approx", default="full", type=_names, help="comma-separated: full,block,kfac,diag")
     analyze.add_argument("--top-k", type=int, default=10, help="eigenvalues kept per result (default 10)")
     analyze.add_argument("--estimator", default="auto", help="auto, dense, lanczos or dual (default auto)")
@@ -233,6 +236,11 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.add_argument("--set", "-s", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                          help="--grid: override one key of every trial's config (repeatable)")
     analyze.add_argument("--db", metavar="SQLITE", help="the database (created if absent)")
+    analyze.add_argument("--plot", metavar="DB", help="instead: plot the spectra of DB over training (to --out)")
+    analyze.add_argument("--out", metavar="PNG", help="--plot's file (default: <DB stem>_spectra.png beside DB)")
+    analyze.add_argument("--measures", metavar="DB", help="instead: Kendall tau and granulated Kendall of every "
+                         "generalisation measure in DB with the gap, for --matrix and --approx (default ggn, full)")
+    analyze.add_argument("--json", action="store_true", help="--measures as JSON instead of a Markdown table")
     analyze.set_defaults(func=_cmd_analyze)
 
     comm_bench = sub.add_parser(
@@ -344,15 +352,19 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     from app import launch
     from app.analysis import analyze
 
-    def path(p: str | None) -> Path | None:
-        return Path(p) if p else None
-
+    if (args.plot or args.measures) and args.grid:
+        raise UserError("analyze: --grid trains runs; --plot and --measures read a database: one at a time")
+    if args.plot or args.measures:
+        return _cmd_analyze_db(args)
     if args.grid:
         return _analyze_grid(args)
     if args.overrides:
         raise UserError("analyze: --set applies to --grid only")
     if not args.db:
-        raise UserError("analyze: --db SQLITE is required (the database the rows go to)")
+        raise UserError("analyze: give --db SQLITE (or --plot DB / --measures DB to read one)")
+
+    def path(p: str | None) -> Path | None:
+        return Path(p) if p else None
 
     settings = analyze.Settings(args.matrices, args.approx, args.top_k, args.estimator, args.examples, args.seed,
                                 args.tolerance, args.trace_samples, args.norms)
@@ -387,6 +399,33 @@ def _analyze_grid(args: argparse.Namespace) -> int:
 
         done, skipped, diverged = study.run(grid, world, comm, device, progress)
         progress(f"grid: {done} trials trained, {skipped} already done, {diverged} diverged; database {grid.db}")
+    return 0
+
+
+def _cmd_analyze_db(args: argparse.Namespace) -> int:
+    """``spngd analyze --plot DB`` / ``--measures DB``: read a database, on one process."""
+    from app.analysis import measures
+    from app.analysis.db import open_db
+
+    mode = "--plot" if args.plot else "--measures"
+    given = {"--measures": args.plot and args.measures, "--run": args.run, "--config": args.config,
+             "--checkpoint": args.checkpoint, "--db": args.db, "--out": args.out and not args.plot,
+             "--json": args.json and not args.measures}
+    clash = [flag for flag, value in given.items() if value]
+    if clash:
+        raise UserError(f"analyze: {mode} reads a database; it does not take {', '.join(clash)}")
+    path = Path(args.plot or args.measures)
+    if not path.is_file():
+        raise UserError(f"analyze: no database {path}")
+    with open_db(path) as db:
+        if args.plot:
+            out = measures.plot_spectra(db, Path(args.out) if args.out else path.with_name(f"{path.stem}_spectra.png"))
+            print(f"analyze: wrote {out}")
+            return 0
+        if len(args.matrices) != 1 or len(args.approx) != 1:
+            raise UserError("analyze: --measures ranks one --matrix and one --approx at a time")
+        table = measures.measure_table(db, matrix=args.matrices[0], approximation=args.approx[0])
+    print(measures.render_json(table) if args.json else measures.render_markdown(table))
     return 0
 
 

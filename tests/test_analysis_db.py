@@ -30,6 +30,15 @@ def make_row(**overrides: Any) -> db.SpectrumRow:
     return db.SpectrumRow(**values)
 
 
+def make_snapshot(**overrides: Any) -> db.SnapshotRow:
+    values: dict[str, Any] = dict(
+        run="r", step=0, epoch=0.0, dataset="mnist5k", model="mlp", params=1000, examples=128, train_loss=0.5,
+        train_acc=0.9, val_loss=0.7, val_acc=0.8, hparams={"lr": 0.1, "width": 32}, param_norm=3.5, path_norm=12.0,
+        fisher_rao_norm=0.25, pacbayes_sigma=0.05, pacbayes_flatness=400.0, seed=0, git_commit="abc", seconds=1.5)
+    values.update(overrides)
+    return db.SnapshotRow(**values)
+
+
 def user_version(path: Path) -> int:
     with sqlite3.connect(path) as conn:
         return int(conn.execute("PRAGMA user_version").fetchone()[0])
@@ -84,6 +93,49 @@ def test_a_failing_migration_leaves_the_db_at_its_version(tmp_path: Path, monkey
     assert user_version(path) == len(db.MIGRATIONS) - 1
     with sqlite3.connect(path) as conn:  # the migration's first statement was rolled back with it
         assert conn.execute("SELECT name FROM sqlite_master WHERE name = 'half'").fetchone() is None
+
+
+def test_a_v1_database_migrates_to_v2_keeping_its_spectra(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "v1.sqlite"
+    with monkeypatch.context() as m:  # the code of schema version 1: the spectra table only
+        m.setattr(db, "MIGRATIONS", db.MIGRATIONS[:1])
+        m.setattr(db, "SCHEMA_VERSION", 1)
+        with db.open_db(path) as d:
+            d.insert(make_row())
+            d.insert(make_row(step=3, trace=5.0))
+    assert user_version(path) == 1
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("SELECT name FROM sqlite_master WHERE name = 'snapshots'").fetchone() is None
+    with db.open_db(path) as d:
+        assert user_version(path) == db.SCHEMA_VERSION >= 2
+        assert d.rows() == [make_row(), make_row(step=3, trace=5.0)]
+        assert d.count("snapshots") == 0
+        d.insert_snapshot(make_snapshot())
+        assert d.snapshots() == [make_snapshot()]
+
+
+def test_snapshots_key_filters_and_round_trip(tmp_path: Path) -> None:
+    with db.open_db(tmp_path / "s.sqlite") as d:
+        stored = [make_snapshot(run="b", step=4, dataset="digits"), make_snapshot(run="a", step=9, model="cnn"),
+                  make_snapshot(run="a", step=2, path_norm=math.pi * 1e10, fisher_rao_norm=1 / 3),
+                  make_snapshot(run="a", step=2, seed=1, val_acc=None, pacbayes_sigma=None, pacbayes_flatness=None)]
+        for row in stored:
+            d.insert_snapshot(row)
+        b4, a9, a2, a2s1 = stored
+        assert d.snapshots() == [a2, a2s1, a9, b4] and d.count("snapshots") == 4 and d.count() == 0
+        assert d.snapshots(run="a", model="cnn") == [a9]
+        assert d.snapshots(dataset="digits") == [b4]
+        assert d.snapshots()[0].path_norm.hex() == (math.pi * 1e10).hex()  # type: ignore[union-attr]
+        assert d.snapshots()[0].gap == 0.9 - 0.8 and d.snapshots()[1].gap is None
+        assert d.has_snapshot("a", 2, 1) and d.has_snapshot("b", 4, 0)
+        assert not d.has_snapshot("a", 2, 2) and not d.has_snapshot("a", 3, 0) and not d.has_snapshot("c", 2, 0)
+        with pytest.raises(UserError) as info:
+            d.insert_snapshot(make_snapshot(run="a", step=9, param_norm=1.0))
+        assert "already holds run='a' step=9 seed=0" in str(info.value) and "\n" not in str(info.value)
+        d.insert_snapshot(make_snapshot(run="a", step=9, param_norm=1.0), replace=True)
+        assert [row.param_norm for row in d.snapshots(run="a")] == [3.5, 3.5, 1.0]
+        d.insert_snapshot(make_snapshot(run="n", path_norm=math.nan))
+        assert d.snapshots(run="n")[0].path_norm is None  # SQLite's NULL
 
 
 def test_newer_version_refused(tmp_path: Path) -> None:

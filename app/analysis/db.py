@@ -50,6 +50,28 @@ skips what is done; writing the same result twice is refused unless asked to rep
 ``(run, matrix, approximation)``, the usual query. SQLite stores a NaN REAL as NULL: a diverged
 run's loss reads back as None.
 
+Table ``snapshots`` (schema version 2), one row per measured model snapshot (one training step of one
+run): what the generalisation measures (``app.analysis.measures``) need beside the spectra. The
+columns run ... gap, hparams, seed, git_commit, created and seconds mean what they mean in
+``spectra`` (``seconds``: the measures' wall-clock time); ``examples`` is N, the training examples
+the Fisher-Rao norm and the PAC-Bayes search average over. The measures
+(``measures.snapshot_norms`` defines each):
+
+=================  =======  ==================================================================
+column             type     meaning (units)
+=================  =======  ==================================================================
+param_norm         REAL     L2 norm of all trainable parameters
+path_norm          REAL     path norm (Neyshabur et al. 2015): sqrt of the summed outputs of the
+                            network with squared parameters on an all-ones input
+fisher_rao_norm    REAL     theta^T F theta, F the exact Fisher (= GGN) over the N examples
+                            (Liang et al. 2019's squared Fisher-Rao norm; nats)
+pacbayes_sigma     REAL     sigma', the largest isotropic Gaussian weight noise whose expected
+                            training accuracy drops by at most 0.1 (parameter units)
+pacbayes_flatness  REAL     1 / sigma'^2 (Jiang et al. 2020's ``pacbayes.flatness``)
+=================  =======  ==================================================================
+
+``UNIQUE(run, step, seed)``: ``has_snapshot`` lets a resumed analysis skip a measured snapshot.
+
 Migrations: ``MIGRATIONS[i]`` is the SQL script that brings a database from ``PRAGMA user_version``
 i to i + 1, and ``SCHEMA_VERSION = len(MIGRATIONS)``. ``open_db`` applies the pending ones in
 order, each in one transaction together with its version bump, so a crash leaves a database at a
@@ -108,12 +130,45 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX spectra_run_matrix_approximation ON spectra (run, matrix, approximation);
     """,
+    """
+    CREATE TABLE snapshots (
+        id INTEGER PRIMARY KEY,
+        run TEXT NOT NULL,
+        step INTEGER NOT NULL,
+        epoch REAL,
+        dataset TEXT,
+        model TEXT,
+        params INTEGER,
+        examples INTEGER,
+        train_loss REAL,
+        train_acc REAL,
+        val_loss REAL,
+        val_acc REAL,
+        gap REAL,
+        hparams TEXT,
+        param_norm REAL,
+        path_norm REAL,
+        fisher_rao_norm REAL,
+        pacbayes_sigma REAL,
+        pacbayes_flatness REAL,
+        seed INTEGER NOT NULL,
+        git_commit TEXT,
+        created TEXT NOT NULL,
+        seconds REAL,
+        UNIQUE (run, step, seed)
+    );
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 BUSY_TIMEOUT_S = 60.0
 """How long a writer waits for another process's transaction before giving up."""
 
 KEY = ("run", "step", "matrix", "approximation", "estimator", "seed")
+SNAPSHOT_KEY = ("run", "step", "seed")
+
+
+def _gap(train_acc: float | None, val_acc: float | None) -> float | None:
+    return None if train_acc is None or val_acc is None else train_acc - val_acc
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -148,11 +203,42 @@ class SpectrumRow:
     def __post_init__(self) -> None:
         if any(a < b for a, b in zip(self.eigenvalues, self.eigenvalues[1:])):
             raise ValueError(f"eigenvalues must be descending, got {self.eigenvalues}")
-        gap = None if self.train_acc is None or self.val_acc is None else self.train_acc - self.val_acc
-        object.__setattr__(self, "gap", gap)
+        object.__setattr__(self, "gap", _gap(self.train_acc, self.val_acc))
+
+
+@dataclass(frozen=True, kw_only=True)
+class SnapshotRow:
+    """One measured snapshot as stored in ``snapshots`` (every column but ``id`` and ``created``); a
+    measure is None when it was not computed or read back NaN (SQLite's NULL)."""
+
+    run: str
+    step: int
+    epoch: float
+    dataset: str
+    model: str
+    params: int
+    examples: int
+    train_loss: float | None
+    train_acc: float | None
+    val_loss: float | None
+    val_acc: float | None
+    hparams: dict[str, Any]
+    param_norm: float | None
+    path_norm: float | None
+    fisher_rao_norm: float | None
+    pacbayes_sigma: float | None
+    pacbayes_flatness: float | None
+    seed: int
+    git_commit: str
+    seconds: float
+    gap: float | None = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "gap", _gap(self.train_acc, self.val_acc))
 
 
 COLUMNS = tuple(f.name for f in fields(SpectrumRow))
+SNAPSHOT_COLUMNS = tuple(f.name for f in fields(SnapshotRow))
 
 
 def _statements(script: str) -> Iterator[str]:
@@ -186,16 +272,24 @@ class Database:
         """Write one result; a result already stored under its key is refused unless ``replace``."""
         values = asdict(row)
         values["eigenvalues"] = json.dumps(list(row.eigenvalues))
-        values["hparams"] = json.dumps(row.hparams, sort_keys=True)
+        self._write("spectra", values, KEY, replace)
+
+    def insert_snapshot(self, row: SnapshotRow, *, replace: bool = False) -> None:
+        """Write one snapshot's measures; one already stored under (run, step, seed) is refused unless
+        ``replace``."""
+        self._write("snapshots", asdict(row), SNAPSHOT_KEY, replace)
+
+    def _write(self, table: str, values: dict[str, Any], key: tuple[str, ...], replace: bool) -> None:
+        values["hparams"] = json.dumps(values["hparams"], sort_keys=True)
         values["created"] = datetime.now(UTC).isoformat(timespec="seconds")
         names = ", ".join(values)
         marks = ", ".join(f":{name}" for name in values)
         verb = "INSERT OR REPLACE" if replace else "INSERT"
         try:
-            self._conn.execute(f"{verb} INTO spectra ({names}) VALUES ({marks})", values)
+            self._conn.execute(f"{verb} INTO {table} ({names}) VALUES ({marks})", values)
         except sqlite3.IntegrityError:
-            key = " ".join(f"{name}={values[name]!r}" for name in KEY)
-            raise UserError(f"analysis: {self.path} already holds {key}; replace it or skip it") from None
+            held = " ".join(f"{name}={values[name]!r}" for name in key)
+            raise UserError(f"analysis: {self.path} already holds {held}; replace it or skip it") from None
 
     def has(self, run: str, step: int, matrix: str, approximation: str, estimator: str | None, seed: int) -> bool:
         """Whether the result of this key is stored (``estimator`` None: by any estimator; ``spngd
@@ -203,8 +297,15 @@ class Database:
         values = dict(zip(KEY, (run, step, matrix, approximation, estimator, seed)))
         if estimator is None:
             del values["estimator"]
+        return self._exists("spectra", values)
+
+    def has_snapshot(self, run: str, step: int, seed: int) -> bool:
+        """Whether the measures of this snapshot are stored: a resumed analysis skips them."""
+        return self._exists("snapshots", dict(zip(SNAPSHOT_KEY, (run, step, seed))))
+
+    def _exists(self, table: str, values: dict[str, Any]) -> bool:
         where = " AND ".join(f"{name} = ?" for name in values)
-        found = self._conn.execute(f"SELECT 1 FROM spectra WHERE {where} LIMIT 1", tuple(values.values()))
+        found = self._conn.execute(f"SELECT 1 FROM {table} WHERE {where} LIMIT 1", tuple(values.values()))
         return found.fetchone() is not None
 
     def rows(self, *, run: str | None = None, matrix: str | None = None, approximation: str | None = None,
@@ -213,22 +314,36 @@ class Database:
         """The stored results matching every filter given, ordered by run, step (then insertion)."""
         filters = {"run": run, "matrix": matrix, "approximation": approximation, "estimator": estimator,
                    "dataset": dataset, "model": model}
-        given = {name: value for name, value in filters.items() if value is not None}
-        where = " AND ".join(f"{name} = :{name}" for name in given) or "1"
-        selected = ", ".join(c for c in COLUMNS if c != "gap")
-        cursor = self._conn.execute(f"SELECT {selected} FROM spectra WHERE {where} ORDER BY run, step, id", given)
-        names = [d[0] for d in cursor.description]
         result = []
-        for record in cursor:
-            values = dict(zip(names, record))
+        for values in self._select("spectra", COLUMNS, filters):
             values["eigenvalues"] = tuple(json.loads(values["eigenvalues"]))
-            values["hparams"] = json.loads(values["hparams"])
             result.append(SpectrumRow(**values))
         return result
 
-    def count(self) -> int:
-        """How many results are stored."""
-        return int(self._conn.execute("SELECT COUNT(*) FROM spectra").fetchone()[0])
+    def snapshots(self, *, run: str | None = None, dataset: str | None = None, model: str | None = None,
+                  ) -> list[SnapshotRow]:
+        """The stored snapshots matching every filter given, ordered by run, step (then insertion)."""
+        filters = {"run": run, "dataset": dataset, "model": model}
+        return [SnapshotRow(**values) for values in self._select("snapshots", SNAPSHOT_COLUMNS, filters)]
+
+    def _select(self, table: str, columns: tuple[str, ...], filters: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        """The rows matching the non-None filters as column -> value, ``hparams`` decoded, ``gap``
+        left out (the rows recompute it)."""
+        given = {name: value for name, value in filters.items() if value is not None}
+        where = " AND ".join(f"{name} = :{name}" for name in given) or "1"
+        selected = ", ".join(c for c in columns if c != "gap")
+        cursor = self._conn.execute(f"SELECT {selected} FROM {table} WHERE {where} ORDER BY run, step, id", given)
+        names = [d[0] for d in cursor.description]
+        for record in cursor:
+            values = dict(zip(names, record))
+            values["hparams"] = json.loads(values["hparams"])
+            yield values
+
+    def count(self, table: str = "spectra") -> int:
+        """How many rows ``table`` (``spectra`` or ``snapshots``) holds."""
+        if table not in ("spectra", "snapshots"):
+            raise ValueError(f"analysis: no table {table!r}")
+        return int(self._conn.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0])
 
     def close(self) -> None:
         self._conn.close()

@@ -4,7 +4,8 @@ Run under mpirun: ``mpirun -np N python tests/mpi/analysis_worker.py --backend t
 holds an uneven shard of 11 examples (rank r starts at example offset_r); for every matrix it checks that
 products equal the one-process operator's (every rank also builds that one, on all 11 examples, with a
 SoloComm), that every rank holds the same bytes, and that each estimator's spectrum and trace under every
-approximation equal one process's.
+approximation equal one process's; and that ``measures.snapshot_norms`` (norms, Fisher-Rao, PAC-Bayes
+sigma') gives one process's numbers on every rank.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch
 from harness import expect
 from torch import nn
 
+from app.analysis.measures import snapshot_norms
 from app.analysis.operators import MATRICES, ROW_MATRICES, Curvature
 from app.analysis.spectra import KFAC_MATRICES, spectrum
 from app.comm import Comm
@@ -61,7 +63,16 @@ def checks(comm: Comm, backend: str) -> str:
                                       atol=1e-12), f"{what}: eigenvalues {a.eigenvalues} != {b.eigenvalues}")
                 expect(abs(a.trace - b.trace) <= 1e-9 * max(1.0, abs(b.trace)), f"{what}: trace {a.trace} != {b.trace}")
                 expect(a.estimator == b.estimator, f"{what}: estimator {a.estimator} != {b.estimator}")
-    return f" matrices={len(MATRICES)}"
+    with torch.no_grad():
+        own = net(x).argmax(1)  # labels the net fits: the PAC-Bayes search has an accuracy to lose
+    mine_norms = snapshot_norms(net, x[start:stop], own[start:stop], comm, total=N, seed=3, chunk=2)
+    ref_norms = snapshot_norms(net, x, own, solo, total=N, seed=3)
+    for name, value in ref_norms.items():
+        expect(abs(mine_norms[name] - value) <= 1e-12 * abs(value), f"{name}: {mine_norms[name]} != {value}")
+    expect(ref_norms["pacbayes_sigma"] < 1.0, f"sigma' {ref_norms['pacbayes_sigma']}: the search found no drop")
+    gathered_norms = comm.allgather(torch.tensor(list(mine_norms.values()), dtype=torch.float64)[None], name="check")
+    expect(all(torch.equal(t[0], gathered_norms[0][0]) for t in gathered_norms), "ranks hold different measures")
+    return f" matrices={len(MATRICES)} measures={len(ref_norms)}"
 
 
 if __name__ == "__main__":
