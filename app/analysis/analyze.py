@@ -156,7 +156,7 @@ def _images(loader: Any, limit: int | None) -> tuple[Tensor, Tensor]:
 
 def _loss_acc(model: nn.Module, x: Tensor, y: Tensor, comm: Comm, batch: int) -> tuple[float, float]:
     """Mean loss and accuracy over all ranks' shards (one allreduce)."""
-    sums = torch.zeros(3, dtype=torch.float64)
+    sums = torch.zeros(3, dtype=torch.float64, device=x.device)  # the communicator's device (NCCL: CUDA)
     with torch.no_grad():
         for i in range(0, len(x), batch):
             out = model(x[i:i + batch])
@@ -225,10 +225,10 @@ class Recorder:
                 return 0
             train_loss, train_acc = _loss_acc(model, *self.train_set, comm, cfg.data.batch_size)
             val_loss, val_acc = _loss_acc(model, *self.val_set, comm, cfg.data.batch_size)
-            common: dict[str, Any] = dict(run=self.run, step=step, epoch=epoch, dataset=_dataset(cfg), model=cfg.model.arch,
-                          seed=s.seed, examples=self.examples, train_loss=train_loss, train_acc=train_acc,
-                          val_loss=val_loss, val_acc=val_acc, params=_params(model), hparams=_hparams(cfg),
-                          git_commit=self.commit)
+            common: dict[str, Any] = dict(
+                run=self.run, step=step, epoch=epoch, dataset=_dataset(cfg), model=cfg.model.arch, seed=s.seed,
+                examples=self.examples, train_loss=train_loss, train_acc=train_acc, val_loss=val_loss,
+                val_acc=val_acc, params=_params(model), hparams=_hparams(cfg), git_commit=self.commit)
             written = 0
             for (matrix, approximation), due in zip(pairs, todo.tolist()):
                 if not due:
@@ -251,7 +251,7 @@ class Recorder:
                              f"{sp.trace:.4g} ({sp.products} products, {seconds:.1f} s)")
             if todo[-1]:
                 started = time.perf_counter()
-                norms = snapshot_norms(model, *self.analysed, comm, total=self.examples, seed=s.seed,
+                norms: dict[str, Any] = snapshot_norms(model, *self.analysed, comm, total=self.examples, seed=s.seed,
                                        chunk=cfg.data.batch_size)
                 seconds = time.perf_counter() - started
                 if db is not None:

@@ -156,7 +156,8 @@ def load_sweep(path: str | Path) -> Sweep:
 
 def resolve_trials(sweep: Sweep, trials: int | None) -> Sweep:
     """``sweep`` with ``trials`` (0/None: the file's, else the grid's size) checked against its grid."""
-    n = trials or sweep.trials or (sweep.combinations if sweep.combinations > 1 else 0)
+    grid = any(p.kind == "grid" for p in sweep.params)
+    n = trials or sweep.trials or (sweep.combinations if grid else 0)
     if n and n % sweep.combinations:
         raise ConfigError(f"sweep: trials={n} must be a multiple of the grid's {sweep.combinations} combinations")
     return dataclasses.replace(sweep, trials=n)
