@@ -34,8 +34,9 @@ def test_analyze_writes_rows_and_resumes(run_dir: Path, tmp_path: Path) -> None:
             "--examples", "12", "--top-k", "4", "--db", str(db)]
     first = spngd(*args)
     assert first.returncode == 0, first.stderr[-2000:]
-    assert "6 rows written" in first.stdout
+    assert "7 rows written" in first.stdout  # 6 spectra and the snapshot measures
     with open_db(db) as d:
+        assert [(s.run, s.step, s.examples) for s in d.snapshots()] == [("smoke", 4, 12)]
         rows = d.rows(run="smoke")
         assert len(rows) == 6 and {r.matrix for r in rows} == {"ggn", "emp"}
         for r in rows:
