@@ -77,7 +77,7 @@ def open_run(run_dir: Path, samples: int | None = None, ood_set: str = "digits",
     samples = cfg.bayes.eval_samples if samples is None else samples
     if samples < 1:
         raise UserError(f"evaluate: --samples={samples} must be a positive integer")
-    ood.check(ood_set)
+    ood.check(ood_set, cfg.data)
     if checkpoint is None:
         found = Checkpointer(run_dir, cfg.checkpoint.keep).load_latest()
         if found is None:
