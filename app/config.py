@@ -37,6 +37,8 @@ SCHEDULE_KEYS: dict[str, tuple[str, ...]] = {
 SCHEDULE_UNITS = ("epoch", "step")
 IN_MEMORY_SETS = ("digits", "gmm")
 """Bundled datasets held as tensors (``app/data/tensor.py``), not exported as image folders."""
+PLAIN_ARCHS = ("mlp", "cnn")
+"""The networks of free width and depth (``model.width``, ``model.depth``); the ResNets' shapes are fixed."""
 GMM_MAX_VALUES = 2**28
 """The most float32 values (1 GiB) of the in-memory Gaussian mixture: beyond it a size is a typo."""
 
@@ -149,12 +151,16 @@ class DataConfig:
 class ModelConfig:
     arch: str = _f("resnet50", "network",
                    choices=("resnet18", "resnet34", "resnet50", "resnet101",
-                            "cifar_resnet8", "cifar_resnet20", "cifar_resnet32", "cifar_resnet56"))
+                            "cifar_resnet8", "cifar_resnet20", "cifar_resnet32", "cifar_resnet56", *PLAIN_ARCHS))
     num_classes: int = _f(0, "output classes; 0 = taken from the dataset", ge=0)
     zero_init_residual: bool = _f(True, "zero-init the last BN gamma of each residual block")
     channels_last: bool = _f(False, "NHWC memory format (faster on tensor cores)")
     dropout: float = _f(0.0, "dropout rate before the classifier (MC-dropout: spngd evaluate samples its masks); "
                         "0 = no dropout layer", ge=0.0, lt=1.0)
+    width: int = _f(0, "mlp: hidden units a layer, cnn: channels a conv; 0 = the arch's default (mlp 128, "
+                    "cnn 32); not for the resnets, whose widths are fixed", ge=0, le=65536)
+    depth: int = _f(0, "mlp: hidden Linear+ReLU layers, cnn: conv+ReLU blocks; 0 = the arch's default (2 for "
+                    "both); not for the resnets", ge=0, le=1024)
 
 
 @dataclass
@@ -606,6 +612,10 @@ def _check_consistency(cfg: Config) -> None:
     if cfg.kfac.adaptive_lambda > 0 and (cfg.kfac.factor_interval, cfg.kfac.inverse_interval) != (1, 1):
         raise ConfigError(f"config: kfac.adaptive_lambda={cfg.kfac.adaptive_lambda} chooses the intervals itself; "
                           f"leave kfac.factor_interval and kfac.inverse_interval at 1")
+    if (cfg.model.width or cfg.model.depth) and cfg.model.arch not in PLAIN_ARCHS:
+        raise ConfigError(f"config: model.width={cfg.model.width} / model.depth={cfg.model.depth} apply to "
+                          f"{' and '.join(PLAIN_ARCHS)} only; model.arch={cfg.model.arch} has a fixed shape "
+                          f"(leave them 0)")
     if in_memory(cfg.data) and cfg.data.backend == "dali":
         raise ConfigError(f"config: data.backend=dali decodes image folders; data.bundled={cfg.data.bundled} is "
                           f"in-memory tensors (use data.backend=torch)")

@@ -149,7 +149,7 @@ def analyze(job: Job, comm: Comm, device: torch.device, progress: Callable[[str]
     dtype = getattr(torch, cfg.train.dtype)
     train, val, info = build_loaders(cfg, 0, 1, device, seed=cfg.train.seed, eval_train=True)
     try:
-        model = build_model(cfg.model, info.num_classes, in_channels=info.channels).to(device=device, dtype=dtype)
+        model = build_model(cfg.model, info.num_classes, info.input_shape).to(device=device, dtype=dtype)
         model.load_state_dict(job.state["model"])
     except (ValueError, RuntimeError):
         raise CheckpointError(f"checkpoint {job.checkpoint} does not fit the run's model ({cfg.model.arch})") from None
