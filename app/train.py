@@ -160,7 +160,7 @@ class Trainer:
         self.train_loader, self.val_loader, self.info = build_loaders(
             cfg, self.grid.data_rank, self.grid.data_size, device, seed=cfg.train.seed)
         try:
-            self.model = build_model(cfg.model, self.info.num_classes, in_channels=self.info.channels)
+            self.model = build_model(cfg.model, self.info.num_classes, self.info.input_shape)
         except ValueError as exc:  # the model does not fit the data, e.g. model.num_classes too small
             raise config_mod.ConfigError(str(exc)) from None
         self.model.to(device=device, dtype=self.dtype)

@@ -276,7 +276,7 @@ def analyze(job: Job, comm: Comm, device: torch.device, progress: Callable[[str]
     cfg, settings = job.cfg, job.request.settings
     recorder = Recorder(cfg, settings, job.request.db, job.run_name, comm, device)
     try:
-        model = build_model(cfg.model, recorder.info.num_classes, in_channels=recorder.info.channels)
+        model = build_model(cfg.model, recorder.info.num_classes, recorder.info.input_shape)
         model.to(device=device, dtype=recorder.dtype).load_state_dict(job.state["model"])
     except (ValueError, RuntimeError):
         raise CheckpointError(f"checkpoint {job.checkpoint} does not fit the run's model ({cfg.model.arch})") from None
@@ -294,10 +294,11 @@ def _dataset(cfg: Config) -> str:
 
 
 def _hparams(cfg: Config) -> dict[str, Any]:
-    """The hyperparameters the generalisation study varies."""
+    """The hyperparameters the generalisation study varies (width and depth as configured: 0 is
+    the arch's default)."""
     return {"lr": cfg.optim.lr, "batch_size": cfg.data.batch_size, "weight_decay": cfg.optim.weight_decay,
             "optimizer": cfg.optim.name, "preconditioner": cfg.optim.preconditioner, "arch": cfg.model.arch,
-            "epochs": cfg.train.epochs, "seed": cfg.train.seed}
+            "width": cfg.model.width, "depth": cfg.model.depth, "epochs": cfg.train.epochs, "seed": cfg.train.seed}
 
 
 __all__ = ["Job", "Recorder", "Request", "Settings", "analyze", "check"]

@@ -77,7 +77,7 @@ def open_run(run_dir: Path, samples: int | None = None, ood_set: str = "digits",
     samples = cfg.bayes.eval_samples if samples is None else samples
     if samples < 1:
         raise UserError(f"evaluate: --samples={samples} must be a positive integer")
-    ood.check(ood_set)
+    ood.check(ood_set, cfg.data)
     if checkpoint is None:
         found = Checkpointer(run_dir, cfg.checkpoint.keep).load_latest()
         if found is None:
@@ -171,7 +171,7 @@ def evaluate(job: Job, comm: Comm, device: torch.device) -> dict[str, Any] | Non
     dtype = getattr(torch, cfg.train.dtype)
     _, val, info = build_loaders(cfg, 0, 1, device, seed=cfg.train.seed)  # every rank: the whole set
     try:
-        model = build_model(cfg.model, info.num_classes, in_channels=info.channels)
+        model = build_model(cfg.model, info.num_classes, info.input_shape)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     model.to(device=device, dtype=dtype)

@@ -48,8 +48,12 @@ class DatasetInfo:
     classes: tuple[str, ...]
     train_size: int
     val_size: int
-    channels: int
-    root: Path | None  # None for synthetic data
+    input_shape: tuple[int, int, int]  # (channels, height, width) of every image the loaders yield
+    root: Path | None  # None for synthetic and in-memory data
+
+    @property
+    def channels(self) -> int:
+        return self.input_shape[0]
 
 
 class Loader(Protocol):
@@ -231,20 +235,21 @@ def check_start(start_batch: int, batches: int) -> None:
         raise ValueError(f"start_batch={start_batch} is outside 0..{batches}")
 
 
-class PlannedLoader(ABC):
-    """What the folder-backed loaders share: batch count from the shard plan, the skip count and
-    the ``epoch`` entry point; a backend supplies only ``_iterate``."""
+class ShardedLoader(ABC):
+    """What every plan-driven loader shares: batch count from the shard plan and the ``epoch`` entry
+    point; a backend supplies only ``_iterate``. Nothing is ever skipped unless a subclass reads files
+    (``PlannedLoader``); in-memory data (``tensor.TensorLoader``) has none."""
 
-    def __init__(self, split: Split, plan: ShardPlan, device: torch.device) -> None:
+    def __init__(self, plan: ShardPlan, device: torch.device) -> None:
         self.batch_size, self.device = plan.batch_size, device
-        self._plan, self._skips = plan, SkipLog(split)
+        self._plan = plan
 
     def __len__(self) -> int:
         return len(self._plan)
 
     @property
     def skipped(self) -> int:
-        return self._skips.count
+        return 0
 
     def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Batches ``start_batch..len-1`` of ``epoch`` (``len`` = nothing left of that epoch)."""
@@ -253,6 +258,18 @@ class PlannedLoader(ABC):
 
     @abstractmethod
     def _iterate(self, epoch: int, start_batch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
+
+
+class PlannedLoader(ShardedLoader):
+    """What the folder-backed loaders share besides the plan: the count of unreadable images replaced."""
+
+    def __init__(self, split: Split, plan: ShardPlan, device: torch.device) -> None:
+        super().__init__(plan, device)
+        self._skips = SkipLog(split)
+
+    @property
+    def skipped(self) -> int:
+        return self._skips.count
 
 
 def candidates(index: int, n: int) -> Iterator[int]:

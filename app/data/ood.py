@@ -29,6 +29,7 @@ from PIL import Image
 from torch import Tensor
 
 from app.config import DataConfig
+from app.data import in_memory, input_shape
 from app.data.common import MEAN_255, PAD, STD_255, Loader, normalise
 from app.data.folder import centre_crop
 from app.errors import DataError
@@ -49,10 +50,18 @@ class OODSet:
     batches: Callable[[], Iterator[Tensor]]  # each call yields the same normalised images
 
 
-def check(name: str) -> None:
-    """Refuse an unknown set name with one line (before any collective starts)."""
+def check(name: str, data: DataConfig | None = None) -> None:
+    """Refuse an unknown set name, or one that cannot take the run's input format ``data``, with one
+    line (before any collective starts). The in-memory sets (digits, gmm: not 3-channel ImageNet-normalised
+    images) take only ``rotated``, and only when their images are square."""
     if name not in ABOUT:
         raise DataError(f"evaluate: unknown OOD set {name!r} (known: {', '.join(sorted(ABOUT))})")
+    if data is not None and in_memory(data):
+        _, h, w = input_shape(data)
+        if name != "rotated" or h != w:
+            usable = "use --ood rotated" if h == w else "it has no OOD set"
+            raise DataError(f"evaluate: OOD set {name!r} is 3-channel images; the run's data.bundled={data.bundled} "
+                            f"is {h}x{w} tensors ({usable})")
 
 
 def val_images(val: Loader) -> Iterator[Tensor]:
