@@ -17,14 +17,15 @@ from app.config import ConfigError
 from app.train import train
 
 REPO = Path(__file__).resolve().parents[1]
-# 10 steps of the smoke run, spectra every 5 (0.02 of its 250-step epoch) on 16 examples
+BASE = REPO / "configs" / "analysis" / "digits_mlp.yaml"  # an MLP on digits: 22 steps an epoch at batch 64
+# 10 steps, spectra every 5 (0.23 of an epoch) on 16 examples
 HOOK = ["train.max_steps=10", "train.log_every=1", "output.plot=false", "analysis.examples=16",
         "analysis.top_k=3", "analysis.matrices=[ggn, emp]", "analysis.approximations=[full, kfac]"]
 
 
 def _train(world: tuple[launch.World, Comm], tmp: Path, name: str, *overrides: str) -> Path:
     torch.set_num_threads(1)
-    cfg = config.load(REPO / "configs" / "smoke.yaml", [*HOOK, *overrides, f"output.dir={tmp}", f"output.name={name}"])
+    cfg = config.load(BASE, [*HOOK, *overrides, f"output.dir={tmp}", f"output.name={name}"])
     train(cfg, world[0], world[1], torch.device("cpu"))
     return tmp / name
 
@@ -36,8 +37,8 @@ def _losses(run: Path) -> list[str]:
 
 def test_hook_records_at_its_steps_and_leaves_training_unchanged(world: tuple[launch.World, Comm],
                                                                  tmp_path: Path) -> None:
-    plain = _train(world, tmp_path, "plain")
-    hooked = _train(world, tmp_path, "hooked", "analysis.every_epochs=0.02")
+    plain = _train(world, tmp_path, "plain", "analysis.every_epochs=0")
+    hooked = _train(world, tmp_path, "hooked", "analysis.every_epochs=0.23")
     assert _losses(hooked) == _losses(plain)  # measuring draws no random numbers the training uses
     a, b = (Checkpointer(r, 2).load_latest() for r in (plain, hooked))
     assert a is not None and b is not None
@@ -46,10 +47,10 @@ def test_hook_records_at_its_steps_and_leaves_training_unchanged(world: tuple[la
         rows = db.rows(run="hooked")
         assert {(r.step, r.matrix, r.approximation) for r in rows} == \
             {(s, m, a) for s in (0, 5, 10) for m in ("ggn", "emp") for a in ("full", "kfac")}
-        assert all(len(r.eigenvalues) == 3 and r.examples == 16 and r.epoch == r.step / 250 for r in rows)
+        assert all(len(r.eigenvalues) == 3 and r.examples == 16 and r.epoch == r.step / 22 for r in rows)
         assert {r.step for r in db.snapshots(run="hooked")} == {0, 5, 10}
     assert not (plain / "curvature.sqlite").exists()
-    again = _train(world, tmp_path, "hooked", "analysis.every_epochs=0.02", "checkpoint.resume=auto")
+    again = _train(world, tmp_path, "hooked", "analysis.every_epochs=0.23", "checkpoint.resume=auto")
     with open_db(again / "curvature.sqlite") as db:  # resumed at the end: nothing measured twice
         assert len(db.rows(run="hooked")) == 12
 
@@ -62,13 +63,13 @@ def test_hook_records_at_its_steps_and_leaves_training_unchanged(world: tuple[la
 ])
 def test_bad_analysis_settings_are_one_config_line(override: str, needle: str) -> None:
     with pytest.raises(ConfigError, match=needle.replace("[", r"\[").replace("]", r"\]")) as err:
-        config.load(REPO / "configs" / "smoke.yaml", [override])
+        config.load(BASE, [override])
     assert "\n" not in str(err.value)
 
 
 def _grid(tmp: Path, body: str) -> Path:
     path = tmp / "g.yaml"
-    path.write_text(f"name: tiny\nconfig: {REPO / 'configs' / 'smoke.yaml'}\n{body}")
+    path.write_text(f"name: tiny\nconfig: {BASE}\n{body}")
     return path
 
 
@@ -90,7 +91,7 @@ def test_grid_trains_each_trial_into_one_database_and_resumes(world: tuple[launc
 
 
 @pytest.mark.parametrize(("body", "sets", "needle"), [
-    ("parameters:\n  optim.lr: {grid: [0.1]}\n", [], "records nothing: set analysis.every_epochs"),
+    ("parameters:\n  optim.lr: {grid: [0.1]}\n", ["analysis.every_epochs=0"], "records nothing: set analysis"),
     ("parameters:\n  optim.lr: {grid: [0.1, 2000]}\n", ["analysis.every_epochs=1"], "trial 2 (optim.lr=2000)"),
 ])
 def test_grid_refuses_before_training(tmp_path: Path, body: str, sets: list[str], needle: str) -> None:
