@@ -222,6 +222,8 @@ class Recorder:
                 todo[-1] = int(s.norms and not db.has_snapshot(self.run, step, s.seed))
             comm.broadcast(todo, root=0, name="analyze_todo")
             if not any(todo.tolist()):
+                if progress:
+                    progress(f"analyze: step {step}: every result already in {self.db}, skipped")
                 return 0
             train_loss, train_acc = _loss_acc(model, *self.train_set, comm, cfg.data.batch_size)
             val_loss, val_acc = _loss_acc(model, *self.val_set, comm, cfg.data.batch_size)
