@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from app import config, launch, study
+from app import cli, config, launch, study
 from app.analysis.db import open_db
 from app.checkpoint import Checkpointer
 from app.comm import Comm
@@ -100,3 +100,21 @@ def test_grid_refuses_before_training(tmp_path: Path, body: str, sets: list[str]
     with pytest.raises(ConfigError, match="names no base configuration"):
         (tmp_path / "n.yaml").write_text("parameters:\n  optim.lr: {grid: [0.1]}\n")
         study.plan(tmp_path / "n.yaml", None, [])
+
+
+def test_shipped_grids_plan_every_trial(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """configs/analysis/grid.yaml is the full 2^5 factorial the granulated Kendall needs, grid_models.yaml
+    datasets x models x lr; the grid file alone (its config:) is also a valid array job."""
+    monkeypatch.chdir(REPO)
+    plan = study.plan(REPO / "configs" / "analysis" / "grid.yaml", None, [f"output.dir={tmp_path}"])
+    keys = [tuple(sorted(t.overrides)) for t in plan.trials]
+    assert len(keys) == len(set(keys)) == 32 and plan.db == tmp_path / "curvature-digits.sqlite"
+    assert all(t.cfg.analysis.every_epochs > 0 and t.cfg.data.bundled == "digits" for t in plan.trials)
+    models = study.plan(REPO / "configs" / "analysis" / "grid_models.yaml", None, [f"output.dir={tmp_path}"])
+    assert {(t.cfg.data.bundled, t.cfg.model.arch) for t in models.trials} == \
+        {(d, m) for d in ("digits", "gmm") for m in ("mlp", "cnn", "cifar_resnet8")}
+    capsys.readouterr()
+    assert cli.main(["submit", "--system", "local-slurm", "--nodes", "1", "--sweep",
+                     "configs/analysis/grid.yaml", "--dry-run"]) == 0
+    assert "--array=1-32" in capsys.readouterr().out
