@@ -210,3 +210,42 @@ def test_no_kronecker_or_gram_for_hessian() -> None:
     with pytest.raises(UserError, match="unknown matrix"):
         Curvature(mlp(), x, y, "fim", COMM, total=3)
     assert set(APPROXIMATIONS) == {"full", "block", "kfac", "diag"}
+
+
+@pytest.mark.parametrize("matrix", MATRICES)
+def test_products_equal_with_every_chunk_one_or_none_recorded(matrix: str) -> None:
+    """Two chunks of 3: records kept for both (default budget), for one (a budget of one chunk's
+    bytes) or for none (cache_mb=0) give the same products, equal to the dense matrix's."""
+    x, y = data(6)
+
+    def operator(budget: float) -> Curvature:
+        return Curvature(mlp(), x, y, matrix, COMM, total=6, seed=3, chunk=3, cache_mb=budget)
+
+    ops = {budget: operator(budget) for budget in (1024.0, 0.0)}
+    oracle = dense_matrix(ops[0.0])
+    g = torch.Generator().manual_seed(4)
+    vs = [torch.randn(ops[0.0].dim, generator=g, dtype=torch.float64) for _ in range(3)]
+    ops[1024.0].matvec(vs[0])
+    both = ops[1024.0].cache_bytes
+    assert both > 0 and ops[0.0].cache_bytes == 0
+    ops[both / 2 / 2 ** 20] = operator(both / 2 / 2 ** 20)
+    for v in vs:
+        for curv in ops.values():
+            torch.testing.assert_close(curv.matvec(v), oracle @ v, atol=1e-12, rtol=1e-10)
+    assert [curv.cache_bytes for curv in ops.values()] == [both, 0, both // 2]
+
+
+@pytest.mark.parametrize("matrix", ["hessian", "ggn"])
+def test_a_changed_parameter_fails_a_recorded_product_loudly(matrix: str) -> None:
+    """The record is the matrix at the operator's point: an in-place step of the model afterwards
+    is autograd's version error, not a product mixing two points."""
+    x, y = data(4)
+    net = mlp()
+    curv = Curvature(net, x, y, matrix, COMM, total=4)
+    v = torch.ones(curv.dim, dtype=torch.float64)
+    curv.matvec(v)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.1)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        curv.matvec(v)

@@ -25,6 +25,15 @@ The last four are ``V^T V`` for sample-space rows V (``rows``): C rows ``s_c (e_
 example for the GGN (``s = sqrt p``: diag p - p p^T = S S^T with S = diag s - p s^T), one row
 ``(p - e_y)^T J`` per example for ``mc`` and ``emp`` (y drawn or true), centred rows for ``cov``;
 each scaled by 1/sqrt(N).
+
+Products (``matvec``) reuse one linearisation per chunk: the first product records the chunk's
+forward with autograd (for the Hessian also the gradient's backward, ``create_graph``) and keeps it,
+so every later product, e.g. each Lanczos iteration, pays only what depends on the vector: the
+Hessian one backward through the recorded gradient (reverse over reverse), the Gram matrices a
+forward-mode (dual-number) pass for J v and one backward through the recorded forward for J^T u.
+The kept state is what autograd saved (counted exactly, ``cache_bytes``), bounded by ``cache_mb``
+per rank; chunks beyond it are recorded afresh at every product (the same arithmetic: the results
+do not depend on the budget).
 """
 
 from __future__ import annotations
@@ -36,7 +45,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import functional_call, grad, jvp, vjp, vmap
+from torch.autograd import forward_ad
+from torch.func import functional_call, grad, vjp, vmap
 
 from app.comm.base import Comm
 from app.config import ANALYSIS_MATRICES
@@ -60,6 +70,16 @@ class Block:
     @property
     def size(self) -> int:
         return self.stop - self.start
+
+
+@dataclass(frozen=True)
+class _Recorded:
+    """One chunk's autograd record at the operator's point: the parameters as leaves and what the
+    products differentiate (the logits, or the loss gradient for the Hessian), graph attached."""
+
+    leaves: tuple[Tensor, ...]
+    outputs: tuple[Tensor, ...]
+    nbytes: int  # what autograd saved for it, beyond the parameters and inputs that exist anyway
 
 
 def layer_blocks(model: nn.Module) -> list[Block]:
@@ -90,17 +110,20 @@ class Curvature:
     examples, the shard starting at global example ``offset`` (for the Monte-Carlo labels).
 
     ``chunk`` bounds the examples one forward pass holds (memory, not the result). The model's
-    parameters are read once, detached, at construction: the operator is the matrix at that point.
+    parameters are read once, detached, at construction: the operator is the matrix at that point
+    (an in-place change of them afterwards makes the next product of a recorded chunk fail with
+    autograd's "modified by an inplace operation" error instead of mixing two points). ``cache_mb``
+    bounds the recorded chunks kept across products (per rank; 0 records every product afresh).
     """
 
     def __init__(self, model: nn.Module, inputs: Tensor, targets: Tensor, matrix: str, comm: Comm, *,
-                 total: int, offset: int = 0, seed: int = 0, chunk: int = 256) -> None:
+                 total: int, offset: int = 0, seed: int = 0, chunk: int = 256, cache_mb: float = 1024.0) -> None:
         if matrix not in MATRICES:
             raise UserError(f"analysis: unknown matrix {matrix!r}; choose from {', '.join(MATRICES)}")
         if inputs.shape[0] != targets.shape[0]:
             raise ValueError("analysis: inputs and targets differ in length")
-        if total < 1 or chunk < 1:
-            raise ValueError("analysis: total and chunk must be positive")
+        if total < 1 or chunk < 1 or cache_mb < 0:
+            raise ValueError("analysis: total and chunk must be positive, cache_mb >= 0")
         self.model = model.eval()
         self.matrix = matrix
         self.comm = comm
@@ -118,6 +141,8 @@ class Curvature:
         self.targets = targets.to(self.device)
         self.labels = self._labels(offset) if matrix == "mc" else self.targets
         self.products = 0
+        self.cache_limit = int(cache_mb * 2 ** 20)
+        self._recorded: dict[int, _Recorded] = {}
         self._mean_grad: Tensor | None = None
 
     # -- flat vectors and the functional network -------------------------------------------
@@ -170,26 +195,80 @@ class Curvature:
             self._mean_grad = self._reduce(total)
         return self._mean_grad
 
+    @property
+    def cache_bytes(self) -> int:
+        """Bytes autograd saved for the chunks kept across products (the product cache)."""
+        return sum(r.nbytes for r in self._recorded.values())
+
+    def _record(self, x: Tensor, y: Tensor) -> _Recorded:
+        """The chunk's forward (and for the Hessian the gradient's backward) under autograd, counting
+        the bytes it saves by storage, the parameters' and inputs' own storages excluded. Saved-tensor
+        hooks switch off autograd's check that a saved tensor is unchanged when used, so ``unpack``
+        makes it (the parameters are views of the model's: an optimiser step would change them)."""
+        exist = {t.untyped_storage().data_ptr() for t in (*self.params.values(), x)}
+        saved: dict[int, int] = {}
+
+        def pack(t: Tensor) -> tuple[Tensor, int]:
+            storage = t.untyped_storage()
+            if storage.data_ptr() not in exist:
+                saved[storage.data_ptr()] = storage.nbytes()
+            return t, t._version
+
+        def unpack(packed: tuple[Tensor, int]) -> Tensor:
+            t, version = packed
+            if t._version != version:
+                raise RuntimeError("analysis: a tensor the recorded products need was modified by an inplace "
+                                   "operation (the model changed after the operator was built)")
+            return t
+
+        leaves = {n: p.detach().requires_grad_() for n, p in self.params.items()}
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+            out = self.logits(leaves, x)
+            outputs = (out,) if self.matrix != "hessian" else torch.autograd.grad(
+                F.cross_entropy(out, y, reduction="sum"), tuple(leaves.values()), create_graph=True)
+        return _Recorded(tuple(leaves.values()), tuple(outputs), sum(saved.values()))
+
+    def _recorded_chunk(self, index: int, x: Tensor, y: Tensor) -> tuple[_Recorded, bool]:
+        """The chunk's record and whether it is kept (within ``cache_mb``) for later products."""
+        if index in self._recorded:
+            return self._recorded[index], True
+        rec = self._record(x, y)
+        if self.cache_bytes + rec.nbytes > self.cache_limit:
+            return rec, False
+        self._recorded[index] = rec
+        return rec, True
+
+    def _jvp(self, x: Tensor, tangent: Params) -> Tensor:
+        """J v of the chunk's logits by dual numbers (forward mode, no autograd record)."""
+        with forward_ad.dual_level():
+            duals = {n: forward_ad.make_dual(p, tangent[n]) for n, p in self.params.items()}
+            jv: Tensor = forward_ad.unpack_dual(self.logits(duals, x)).tangent
+        return jv
+
     def matvec(self, v: Tensor) -> Tensor:
         """``M v`` averaged over all N examples (collective: every rank must call it alike)."""
         self.products += 1
         tangent = self.unflatten(v.to(self.device, self.dtype))
         total = torch.zeros(self.dim, dtype=self.dtype, device=self.device)
-        for x, y, labels in self.chunks():
+        for index, (x, y, labels) in enumerate(self.chunks()):
+            rec, kept = self._recorded_chunk(index, x, y)
             if self.matrix == "hessian":
-                total += self.flatten(jvp(lambda p, x=x, y=y: grad(self._loss)(p, x, y), (self.params,),
-                                          (tangent,))[1])
-                continue
-            primal_tangent = jvp(lambda p, x=x: self.logits(p, x), (self.params,), (tangent,))
-            out, jv = primal_tangent[0], primal_tangent[1]
-            prob = F.softmax(out, dim=1)
-            if self.matrix == "ggn":
-                u = prob * jv - prob * (prob * jv).sum(1, keepdim=True)
+                cotangent: tuple[Tensor, ...] = tuple(tangent.values())
             else:
-                r = prob - F.one_hot(labels, prob.shape[1]).to(prob.dtype)
-                u = r * (r * jv).sum(1, keepdim=True)
-            pullback = vjp(lambda p, x=x: self.logits(p, x), self.params)[1]
-            total += self.flatten(pullback(u)[0])
+                out = rec.outputs[0].detach()
+                jv = self._jvp(x, tangent)
+                prob = F.softmax(out, dim=1)
+                if self.matrix == "ggn":
+                    u = prob * jv - prob * (prob * jv).sum(1, keepdim=True)
+                else:
+                    r = prob - F.one_hot(labels, prob.shape[1]).to(prob.dtype)
+                    u = r * (r * jv).sum(1, keepdim=True)
+                cotangent = (u,)
+            live = [(o, c) for o, c in zip(rec.outputs, cotangent) if o.requires_grad]  # a constant adds 0
+            with torch.enable_grad():
+                parts = torch.autograd.grad([o for o, _ in live], rec.leaves, [c for _, c in live],
+                                            retain_graph=kept, allow_unused=True, materialize_grads=True)
+            total += torch.cat([t.reshape(-1) for t in parts])
         product = self._reduce(total)
         if self.matrix == "cov":
             g = self.mean_gradient()
