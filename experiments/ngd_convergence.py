@@ -3,7 +3,8 @@ empirical Fisher) next to K-FAC and SGD on the bundled MNIST-5k (issue 13, item 
 
 The recipe is ``time_to_accuracy``'s (the real training path ``Trainer.steps``, cifar_resnet8, one
 process, one thread, Nesterov momentum 0.9, weight decay 5e-4, poly decay, crop augmentation off)
-with a smaller batch and a shorter warm-up: every method takes the same ``STEPS`` steps of the same
+with a smaller batch, a shorter warm-up and the residual branches not zero-initialised (``COMMON``):
+every method takes the same ``STEPS`` steps of the same
 ``BATCH`` images in the same order (``train.seed`` sets the weights and the data order). The batch is
 small because the GGN kernel has N x C = 160 rows at N = 16: about 1 s a step on one thread, most of it
 the rows (one per-example pullback per class), so that the whole experiment fits in 10 minutes.
@@ -11,7 +12,7 @@ the rows (one per-example pullback per class), so that the whole experiment fits
 Each method's settings come from a small grid (``GRID``) run on the first seed; the setting with the
 lowest final training loss (the mean of the last ``WINDOW`` step losses) then runs on the other seeds.
 A run whose loss diverges (``train.LossWatch`` with factor 10, or a non-finite loss or solve) is
-recorded as diverged and can not be chosen. Every run records the step loss and the seconds spent
+recorded as diverged and ranks last. Every run records the step loss and the seconds spent
 in training steps (validation excluded) at every step, and the validation loss and accuracy (all
 1,000 val images) every ``VAL_EVERY`` steps.
 
