@@ -21,7 +21,11 @@ change of the machine's load hits all alike. ``cache_mb`` is the operator's own 
 record keeps (bytes autograd saved), ``cache_rss_mb`` the process's RSS growth while recording (a
 check of that count). The load average before and after the run is in the JSON.
 
-    OMP_NUM_THREADS=1 .venv/bin/python experiments/curvature_speed.py   # writes docs/curvature_speed.json
+    OMP_NUM_THREADS=1 .venv/bin/python experiments/curvature_speed.py --out runs/speed1.json   # and 2, 3
+    .venv/bin/python experiments/curvature_speed.py --merge runs/speed[123].json   # docs/curvature_speed.json
+
+``--merge`` writes the median of every figure over the runs (each run's figures kept under ``per_run``):
+on a machine shared with other jobs one run's ratios move by +-20%.
 """
 
 from __future__ import annotations
@@ -164,13 +168,30 @@ def case(arch: str, batch: int, rounds: int) -> dict[str, Any]:
     return row
 
 
+def merged(paths: list[Path]) -> dict[str, Any]:
+    """The median of every figure of each (arch, batch) row over the runs' JSON files."""
+    runs = [json.loads(path.read_text()) for path in paths]
+    rows = []
+    for first in runs[0]["rows"]:
+        same = [r for run in runs for r in run["rows"] if (r["arch"], r["batch"]) == (first["arch"], first["batch"])]
+        rows.append({k: statistics.median(r[k] for r in same) if isinstance(v, float) else v for k, v in first.items()})
+        rows[-1]["per_run"] = {k: [r[k] for r in same] for k, v in first.items() if isinstance(v, float)}
+    head = {k: v for k, v in runs[0].items() if k not in ("rows", "date", "load_average_1min")}
+    return {**head, "runs": [{"date": r["date"], "load_average_1min": r["load_average_1min"]} for r in runs],
+            "rows": rows}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--archs", default="cifar_resnet8,cifar_resnet20")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds (median)")
     parser.add_argument("--out", default="docs/curvature_speed.json")
+    parser.add_argument("--merge", type=Path, nargs="+", metavar="JSON", help="the medians of earlier runs' files")
     args = parser.parse_args()
+    if args.merge:
+        Path(args.out).write_text(json.dumps(merged(args.merge), indent=1) + "\n")
+        return
     torch.set_num_threads(1)
     load = [os.getloadavg()[0]]
     rows = []
