@@ -673,6 +673,9 @@ def _check_consistency(cfg: Config) -> None:
     if cfg.optim.preconditioner == "ngd_dual" and cfg.train.precision != "fp32":
         raise ConfigError(f"config: optim.preconditioner=ngd_dual needs train.precision=fp32 (got "
                           f"{cfg.train.precision}): its rows and gradient must share one precision")
+    if cfg.analysis.every_epochs > 0 and cfg.data.backend == "synthetic":
+        raise ConfigError("config: analysis.every_epochs measures the training set, and data.backend=synthetic "
+                          "serves one random batch; use the torch or dali backend, or analysis.every_epochs=0")
     for key, given, known in (("analysis.matrices", cfg.analysis.matrices, ANALYSIS_MATRICES),
                               ("analysis.approximations", cfg.analysis.approximations, ANALYSIS_APPROXIMATIONS)):
         bad = [g for g in given if g not in known]

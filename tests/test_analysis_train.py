@@ -60,6 +60,7 @@ def test_hook_records_at_its_steps_and_leaves_training_unchanged(world: tuple[la
     ("analysis.approximations=[]", "analysis.approximations=[] must name"),
     ("analysis.every_epochs=-1", "analysis.every_epochs"),
     ("analysis.estimator=exact", "analysis.estimator"),
+    ("data.backend=synthetic", "data.backend=synthetic serves one random batch"),
 ])
 def test_bad_analysis_settings_are_one_config_line(override: str, needle: str) -> None:
     with pytest.raises(ConfigError, match=needle.replace("[", r"\[").replace("]", r"\]")) as err:

@@ -125,6 +125,9 @@ def check(req: Request) -> Job:
         if req.checkpoint is None:
             raise UserError("analyze: --config needs --checkpoint PATH (or give --run DIR)")
         cfg = config_mod.load(req.config)
+    if cfg.data.backend == "synthetic":
+        raise UserError("analyze: the run trained on data.backend=synthetic (one random batch); there is no "
+                        "training set to measure")
     if req.checkpoint is None:
         assert req.run is not None
         found = Checkpointer(req.run, cfg.checkpoint.keep).load_latest()
