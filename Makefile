@@ -40,7 +40,7 @@ lint: venv-test
 	$(PY) -m mypy
 
 test: lint horovod schedulers
-	$(PY) -m pytest -q -ra $(PYTEST_ARGS)
+	$(PY) -m pytest -q -ra --durations=25 $(PYTEST_ARGS)
 
 demo: venv
 	$(VENV)/bin/spngd launch mpirun --oversubscribe -np $(NP) $(VENV)/bin/spngd train --config $(DEMO_CONFIG)
