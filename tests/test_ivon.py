@@ -86,7 +86,10 @@ def test_wrapper_equals_the_package_used_the_documented_way(world: tuple[launch.
     std = 1 / (group["ess"] * (group["hess"] + group["weight_decay"])).sqrt()
     posterior = opt.posterior()
     assert isinstance(posterior, Gaussian) and list(posterior.std) == [n for n, _ in ours.named_parameters()]
-    torch.testing.assert_close(torch.cat([s.reshape(-1) for s in posterior.std.values()]), std, **tol)
+    # std is derived (1 / sqrt) per tensor here and over the flat vector there: the CPU's vector and remainder
+    # loops may round one element 1 ulp apart (seen on AMD EPYC: 1.4e-16 relative), so a few ulps, not bits
+    torch.testing.assert_close(torch.cat([s.reshape(-1) for s in posterior.std.values()]), std,
+                               rtol=max(tol["rtol"], 1e-15), atol=tol["atol"])
     assert all(torch.equal(posterior.mean[n], p) for n, p in ours.named_parameters())
 
 
