@@ -388,17 +388,12 @@ class Trainer:
         images = max(totals[3].item(), 1.0)
         return totals[0].item() / images, totals[1].item() / images, totals[2].item() / images
 
-    def _val_due(self, step: int) -> bool:
-        every = self.cfg.train.val_every
-        if every <= 0:
+    def _due(self, every_epochs: float, step: int) -> bool:
+        """Whether ``step`` ends a period of ``every_epochs`` (0 = never) before the last step, which
+        validates and measures anyway."""
+        if every_epochs <= 0:
             return False
-        period = max(1, round(every * self.steps_per_epoch))
-        return step % period == 0 and step < self.total_steps
-
-    def _analysis_due(self, step: int) -> bool:
-        if self.analysis is None:
-            return False
-        period = max(1, round(self.cfg.analysis.every_epochs * self.steps_per_epoch))
+        period = max(1, round(every_epochs * self.steps_per_epoch))
         return step % period == 0 and step < self.total_steps
 
     def _recorder(self, run_dir: Path) -> Callable[[int], float]:
@@ -482,9 +477,9 @@ class Trainer:
                     window_t, window_imgs, data_s = time.monotonic(), 0, 0.0
                 stop_now, mean_loss, finite = self._stop_agreed(stop, loss)
                 watch.check(step, mean_loss, finite)  # before any checkpoint of this step
-                if self._val_due(step):
+                if self._due(cfg.train.val_every, step):
                     val = self._log_val(metrics, step)
-                if self._analysis_due(step):
+                if self.analysis is not None and self._due(cfg.analysis.every_epochs, step):
                     spent = measure(step)
                     analysis_s += spent
                     window_t += spent
